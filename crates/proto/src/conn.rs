@@ -1,0 +1,447 @@
+//! One HTTP/1.1 connection as a state machine: the caller moves bytes between it and a socket.
+
+use std::collections::VecDeque;
+
+use crate::chunked::Decoder;
+use crate::head::{self, Framing, Head, HeaderPos, Version};
+use crate::response::{self, CommonHeaders, ReplyMeta, Response};
+use crate::{Limits, Request};
+
+/// The input buffer's first size; it grows for big heads and bodies, and shrinks back when empty.
+const INITIAL_INPUT: usize = 4096;
+/// Never offer the socket less room than this to read into.
+const MIN_READ: usize = 2048;
+/// An emptied buffer larger than this is given back to the allocator.
+const SHRINK_ABOVE: usize = 64 * 1024;
+/// Stop reading and parsing while this much output waits for the peer (backpressure).
+pub const OUTPUT_HIGH_WATER: usize = 256 * 1024;
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// Names one request on its connection, so that its reply can be filed later, in any order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ReqId(u64);
+
+/// Where the reader stands.
+#[derive(Debug)]
+enum Reading {
+    /// Waiting for (the rest of) a request head.
+    Head,
+    /// The head is parsed; its body is not all here yet.
+    Body(Head, BodyProgress),
+    /// No more requests on this connection: after `Connection: close`, an error, or EOF.
+    Stopped,
+}
+
+#[derive(Debug)]
+enum BodyProgress {
+    Length,
+    Chunked(Decoder),
+}
+
+/// A reply slot, in request order.
+#[derive(Debug)]
+struct Slot {
+    meta: ReplyMeta,
+    state: SlotState,
+    /// Chunks of a streamed reply that arrived before the slot reached the front, already framed.
+    early: Vec<u8>,
+    ended: bool,
+}
+
+#[derive(Debug)]
+enum SlotState {
+    /// The handler has not answered yet.
+    Waiting,
+    /// Answered; written when every earlier reply has been.
+    Ready(Response),
+    /// At the front, head written: chunks go straight to the output.
+    Streaming,
+}
+
+/// One connection's protocol state: its input buffer, the replies it owes in order, and the
+/// bytes waiting to be written.
+#[derive(Debug)]
+pub struct Conn {
+    limits: Limits,
+    input: Vec<u8>,
+    /// Unconsumed input is `input[start..end]`; the rest of `input` is room to read into.
+    start: usize,
+    end: usize,
+    reading: Reading,
+    positions: Vec<HeaderPos>,
+    slots: VecDeque<Slot>,
+    /// The id of `slots[0]`; ids count up from there.
+    first_id: u64,
+    out: Vec<u8>,
+    out_pos: usize,
+    /// A reply that ends the connection has been written (or the stream is over): write nothing more.
+    out_closed: bool,
+    continue_sent: bool,
+    eof: bool,
+    /// The last reply is an error about the request: the peer may still be sending its body.
+    failed: bool,
+}
+
+impl Conn {
+    pub fn new(limits: Limits) -> Conn {
+        Conn {
+            limits,
+            input: vec![0; INITIAL_INPUT],
+            start: 0,
+            end: 0,
+            reading: Reading::Head,
+            positions: Vec::with_capacity(head::MAX_HEADERS),
+            slots: VecDeque::with_capacity(4),
+            first_id: 0,
+            out: Vec::new(),
+            out_pos: 0,
+            out_closed: false,
+            continue_sent: false,
+            eof: false,
+            failed: false,
+        }
+    }
+
+    // ---- input -------------------------------------------------------------------------
+
+    /// Room to read into; report how much was read with [`Conn::filled`].
+    pub fn read_buf(&mut self) -> &mut [u8] {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            if self.input.len() > SHRINK_ABOVE && matches!(self.reading, Reading::Head) {
+                self.input = vec![0; INITIAL_INPUT];
+            }
+        }
+        if self.input.len() - self.end < MIN_READ {
+            if self.start > 0 {
+                self.input.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.shift_offsets(self.start);
+                self.start = 0;
+            }
+            if self.input.len() - self.end < MIN_READ {
+                let len = (self.input.len() * 2).max(self.end + MIN_READ);
+                self.input.resize(len, 0);
+            }
+        }
+        &mut self.input[self.end..]
+    }
+
+    /// `n` bytes were read into the buffer [`Conn::read_buf`] gave.
+    pub fn filled(&mut self, n: usize) {
+        self.end += n;
+        debug_assert!(self.end <= self.input.len());
+    }
+
+    /// The peer will send nothing more. Replies already owed are still written.
+    pub fn read_eof(&mut self) {
+        self.eof = true;
+        self.reading = Reading::Stopped;
+    }
+
+    /// Offsets inside a body in progress are relative to `start` except the decoder's.
+    fn shift_offsets(&mut self, by: usize) {
+        if let Reading::Body(_, BodyProgress::Chunked(d)) = &mut self.reading {
+            d.read -= by;
+            d.write -= by;
+        }
+    }
+
+    // ---- requests ------------------------------------------------------------------------
+
+    /// The next complete request, if one is buffered and the connection may take it now.
+    /// A malformed request queues its error reply and stops the reading.
+    pub fn next_request(&mut self) -> Option<Request<'_>> {
+        if self.slots.len() >= self.limits.max_pipeline || self.unsent() >= OUTPUT_HIGH_WATER {
+            return None;
+        }
+        match self.advance_reader() {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(status) => {
+                self.fail(status);
+                return None;
+            }
+        }
+        let Reading::Body(head, progress) = std::mem::replace(&mut self.reading, Reading::Head) else {
+            unreachable!("advance_reader returned a complete request");
+        };
+        let base = self.start;
+        let (body, consumed) = match progress {
+            BodyProgress::Length => {
+                let Framing::Length(n) = head.framing else { unreachable!() };
+                ((base + head.len, base + head.len + n), head.len + n)
+            }
+            BodyProgress::Chunked(d) => ((base + head.len, d.write), d.read - base),
+        };
+        self.start += consumed;
+        self.continue_sent = false;
+        if !head.keep_alive {
+            self.reading = Reading::Stopped;
+        }
+        let method = slice_str(&self.input[base..], head.method);
+        let meta = ReplyMeta {
+            head_only: method == "HEAD",
+            keep_alive: head.keep_alive,
+            http10: head.version == Version::Http10,
+        };
+        self.slots.push_back(Slot { meta, state: SlotState::Waiting, early: Vec::new(), ended: false });
+        let id = ReqId(self.first_id + self.slots.len() as u64 - 1);
+        Some(Request {
+            id,
+            method,
+            target: slice_str(&self.input[base..], head.target),
+            version: head.version,
+            keep_alive: head.keep_alive,
+            head: &self.input[base..base + head.len],
+            headers: &self.positions,
+            body: &self.input[body.0..body.1],
+        })
+    }
+
+    /// Moves the reader forward over what is buffered. `Ok(true)`: a whole request is ready.
+    fn advance_reader(&mut self) -> Result<bool, u16> {
+        loop {
+            match &mut self.reading {
+                Reading::Stopped => return Ok(false),
+                Reading::Head => {
+                    // RFC 9112 2.2: ignore empty lines before a request line.
+                    while self.start < self.end && matches!(self.input[self.start], b'\r' | b'\n') {
+                        if self.input[self.start] == b'\r' && self.input.get(self.start + 1) != Some(&b'\n') {
+                            if self.start + 1 == self.end {
+                                return Ok(false);
+                            }
+                            return Err(400);
+                        }
+                        self.start += 1;
+                    }
+                    if self.start == self.end {
+                        return Ok(false);
+                    }
+                    let data = &self.input[self.start..self.end];
+                    let Some(head) = head::parse(data, &self.limits, &mut self.positions)? else {
+                        return Ok(false);
+                    };
+                    let progress = match head.framing {
+                        Framing::Length(_) => BodyProgress::Length,
+                        Framing::Chunked => BodyProgress::Chunked(Decoder::new(self.start + head.len)),
+                    };
+                    self.reading = Reading::Body(head, progress);
+                }
+                Reading::Body(head, BodyProgress::Length) => {
+                    let Framing::Length(n) = head.framing else { unreachable!() };
+                    return Ok(self.end - self.start >= head.len + n);
+                }
+                Reading::Body(head, BodyProgress::Chunked(decoder)) => {
+                    let body_start = self.start + head.len;
+                    let max_trailers = self.limits.max_head;
+                    return decoder.decode(&mut self.input[..self.end], body_start, self.limits.max_body, max_trailers);
+                }
+            }
+        }
+    }
+
+    /// Queues the reply for a request the reader cannot accept, and reads nothing more.
+    fn fail(&mut self, status: u16) {
+        self.failed = true;
+        self.reading = Reading::Stopped;
+        self.start = self.end;
+        let meta = ReplyMeta { head_only: false, keep_alive: false, http10: false };
+        self.slots.push_back(Slot {
+            meta,
+            state: SlotState::Ready(Response::error(status)),
+            early: Vec::new(),
+            ended: false,
+        });
+    }
+
+    /// Answers a request that has stopped waiting: a timeout while its head or body trickled in.
+    pub fn timed_out(&mut self) {
+        if self.has_partial_request() {
+            self.fail(408);
+        } else {
+            self.reading = Reading::Stopped;
+        }
+    }
+
+    // ---- replies -------------------------------------------------------------------------
+
+    /// Files the reply to request `id`. Replies leave in request order, whatever order they
+    /// are filed in. A reply for a request this connection no longer owes is dropped.
+    pub fn respond(&mut self, id: ReqId, response: Response) {
+        if let Some(slot) = self.slot(id) {
+            if matches!(slot.state, SlotState::Waiting) {
+                slot.state = SlotState::Ready(response);
+            }
+        }
+    }
+
+    /// One piece of the streamed body of request `id`, whose head was filed with
+    /// [`Response::stream`].
+    pub fn push_chunk(&mut self, id: ReqId, data: &[u8]) {
+        let at_front = id.0 == self.first_id;
+        let out_closed = self.out_closed;
+        let Some(slot) = self.slot(id) else { return };
+        if slot.ended {
+            return;
+        }
+        match slot.state {
+            SlotState::Streaming if at_front && !out_closed => {
+                let meta = slot.meta;
+                response::encode_chunk(&mut self.out, data, meta);
+            }
+            SlotState::Ready(ref r) if r.is_stream() => {
+                let meta = slot.meta;
+                response::encode_chunk(&mut slot.early, data, meta);
+            }
+            _ => {}
+        }
+    }
+
+    /// The streamed body of request `id` is complete.
+    pub fn end_stream(&mut self, id: ReqId) {
+        let Some(slot) = self.slot(id) else { return };
+        slot.ended = true;
+        if matches!(slot.state, SlotState::Streaming) {
+            let meta = slot.meta;
+            self.slots.pop_front();
+            self.first_id += 1;
+            if !self.out_closed {
+                response::encode_stream_end(&mut self.out, meta);
+                if meta.http10 || !meta.keep_alive {
+                    self.close_output();
+                }
+            }
+        }
+    }
+
+    fn slot(&mut self, id: ReqId) -> Option<&mut Slot> {
+        let index = id.0.checked_sub(self.first_id)?;
+        self.slots.get_mut(usize::try_from(index).ok()?)
+    }
+
+    // ---- output --------------------------------------------------------------------------
+
+    /// Encodes every reply that is ready in order, and returns all the bytes waiting to be
+    /// written. Report what the socket took with [`Conn::written`].
+    pub fn output(&mut self, common: &CommonHeaders) -> &[u8] {
+        self.encode_ready(common);
+        &self.out[self.out_pos..]
+    }
+
+    fn encode_ready(&mut self, common: &CommonHeaders) {
+        while !self.out_closed {
+            let Some(slot) = self.slots.front_mut() else { break };
+            let SlotState::Ready(_) = slot.state else { break };
+            let SlotState::Ready(r) = std::mem::replace(&mut slot.state, SlotState::Streaming) else {
+                unreachable!()
+            };
+            if self.out_pos > SHRINK_ABOVE {
+                self.out.drain(..self.out_pos);
+                self.out_pos = 0;
+            }
+            let keep_open = response::encode(&mut self.out, &r, slot.meta, common);
+            if r.is_stream() {
+                self.out.extend_from_slice(&slot.early);
+                slot.early = Vec::new();
+                if !slot.ended {
+                    // Stay at the front: later replies wait until this stream ends.
+                    break;
+                }
+                response::encode_stream_end(&mut self.out, slot.meta);
+            }
+            self.slots.pop_front();
+            self.first_id += 1;
+            if !keep_open {
+                self.close_output();
+            }
+        }
+        // 100 Continue may go out only after every earlier reply, and only once per request.
+        if let Reading::Body(head, _) = &self.reading {
+            if head.expect_continue && !self.continue_sent && self.slots.is_empty() && !self.out_closed {
+                self.out.extend_from_slice(CONTINUE);
+                self.continue_sent = true;
+            }
+        }
+    }
+
+    /// After a reply that closes the connection, nothing else is read or written.
+    fn close_output(&mut self) {
+        self.out_closed = true;
+        self.reading = Reading::Stopped;
+        self.slots.clear();
+    }
+
+    /// The socket took `n` bytes of [`Conn::output`].
+    pub fn written(&mut self, n: usize) {
+        self.out_pos += n;
+        debug_assert!(self.out_pos <= self.out.len());
+        if self.out_pos == self.out.len() {
+            self.out.clear();
+            self.out_pos = 0;
+            if self.out.capacity() > SHRINK_ABOVE {
+                self.out = Vec::new();
+            }
+        }
+    }
+
+    // ---- what the caller should do ---------------------------------------------------------
+
+    /// Bytes encoded but not yet written.
+    pub fn unsent(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+
+    /// Whether reading more input now would be useful: false once reading has stopped, and
+    /// while replies back up (too many owed, or too much output unsent).
+    pub fn wants_read(&self) -> bool {
+        !matches!(self.reading, Reading::Stopped)
+            && self.slots.len() < self.limits.max_pipeline
+            && self.unsent() < OUTPUT_HIGH_WATER
+    }
+
+    /// Everything owed has been written and no more requests will be read: close the socket.
+    pub fn is_finished(&self) -> bool {
+        self.unsent() == 0
+            && (self.out_closed || (matches!(self.reading, Reading::Stopped) && self.slots.is_empty()))
+    }
+
+    /// Part of a request has arrived but not all of it: the header timeout applies.
+    pub fn has_partial_request(&self) -> bool {
+        match self.reading {
+            Reading::Body(..) => true,
+            Reading::Head => self.input[self.start..self.end].iter().any(|&b| b != b'\r' && b != b'\n'),
+            Reading::Stopped => false,
+        }
+    }
+
+    /// Requests are being handled or replies are being written.
+    pub fn is_busy(&self) -> bool {
+        !self.slots.is_empty() || self.unsent() > 0
+    }
+
+    /// Closing now could reset the connection and destroy the last reply in flight: the peer
+    /// sent bytes that will never be read, or may still be sending the body of a rejected
+    /// request. The caller should shut down its sending side and drain input for a while first.
+    pub fn should_linger(&self) -> bool {
+        !self.eof && (self.failed || self.start < self.end)
+    }
+
+    /// The peer closed its sending side.
+    pub fn saw_eof(&self) -> bool {
+        self.eof
+    }
+
+    /// Replies owed: requests handed out and not yet fully written.
+    pub fn owed(&self) -> usize {
+        self.slots.len()
+    }
+}
+
+fn slice_str(buf: &[u8], (start, len): (u32, u32)) -> &str {
+    let bytes = &buf[start as usize..(start + len) as usize];
+    // httparse checked these bytes: the method is a token and the target visible ASCII.
+    std::str::from_utf8(bytes).unwrap_or_default()
+}

@@ -1,0 +1,101 @@
+//! Sans-IO HTTP/1.1 for every server in this workspace: bytes in, requests out; responses in,
+//! bytes out. No sockets, no threads, no clock reads, so every server frames HTTP identically
+//! and the tests here are deterministic.
+//!
+//! ```text
+//!   socket ──read──▶ Conn::read_buf/filled ──▶ Conn::next_request ──▶ Request ──▶ app
+//!                                                                                  │
+//!   socket ◀─write── Conn::output/written ◀── encode in request order ◀── respond(id, Response)
+//! ```
+//!
+//! * A request may arrive split at any byte, or several in one read (pipelining). Replies leave
+//!   in request order, however late or out of order they are filed: a reply can be filed at once,
+//!   later (after work on another thread), or as a stream of chunks ([`Response::stream`]).
+//! * Bodies: Content-Length or chunked (extensions and trailers checked, then dropped).
+//! * Every bad input gets a status and a close, never a panic: 400 malformed, 413/414/431 over a
+//!   [`Limits`] bound, 501 an unknown transfer coding, 505 an unsupported version.
+
+mod chunked;
+mod conn;
+mod date;
+mod head;
+mod response;
+
+pub use conn::{Conn, OUTPUT_HIGH_WATER, ReqId};
+pub use date::{HTTP_DATE_LEN, http_date};
+pub use head::{MAX_HEADERS, Version};
+pub use response::{Body, CommonHeaders, Response, reason};
+
+use head::HeaderPos;
+
+/// Bounds on what one request may make the server buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Request line plus headers, in bytes (431).
+    pub max_head: usize,
+    /// Request target, in bytes (414).
+    pub max_target: usize,
+    /// Decoded body, in bytes (413).
+    pub max_body: usize,
+    /// Requests read ahead of their replies; past this, reading waits.
+    pub max_pipeline: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_head: 16 * 1024, max_target: 8 * 1024, max_body: 8 * 1024 * 1024, max_pipeline: 64 }
+    }
+}
+
+/// A complete request, borrowed from its connection's buffer.
+#[derive(Debug)]
+pub struct Request<'a> {
+    /// Pass to [`Conn::respond`] to file the reply.
+    pub id: ReqId,
+    pub method: &'a str,
+    /// The request target as sent: `/path?query`.
+    pub target: &'a str,
+    pub version: Version,
+    /// Whether the connection stays open after this request's reply.
+    pub keep_alive: bool,
+    pub body: &'a [u8],
+    head: &'a [u8],
+    headers: &'a [HeaderPos],
+}
+
+impl<'a> Request<'a> {
+    pub fn path(&self) -> &'a str {
+        self.target.split_once('?').map_or(self.target, |(p, _)| p)
+    }
+
+    pub fn query(&self) -> Option<&'a str> {
+        self.target.split_once('?').map(|(_, q)| q)
+    }
+
+    /// The value of query parameter `name`, undecoded.
+    pub fn query_param(&self, name: &str) -> Option<&'a str> {
+        self.query()?.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k == name).then_some(v)
+        })
+    }
+
+    /// The first header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+        self.headers().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+    }
+
+    pub fn headers(&self) -> impl Iterator<Item = (&'a str, &'a [u8])> + '_ {
+        let head = self.head;
+        self.headers.iter().map(move |h| {
+            let name = &head[h.name.0 as usize..(h.name.0 + h.name.1) as usize];
+            let value = &head[h.value.0 as usize..(h.value.0 + h.value.1) as usize];
+            // Header names are tokens (checked by httparse), so ASCII.
+            (std::str::from_utf8(name).unwrap_or_default(), value)
+        })
+    }
+
+    pub fn is_head(&self) -> bool {
+        self.method == "HEAD"
+    }
+}

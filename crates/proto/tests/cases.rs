@@ -1,0 +1,257 @@
+//! Framing and rejection cases in the style of h11's tests: each case is run with its input
+//! whole, one byte at a time, and followed by a second pipelined request.
+
+mod common;
+
+use common::{Outcome, run};
+use proto::Limits;
+
+const SECOND: &[u8] = b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n";
+
+enum Expect {
+    /// The requests parsed: (method, target, body).
+    Ok(&'static [(&'static str, &'static str, &'static [u8])]),
+    /// The connection is answered with this status and closed.
+    Err(u16),
+}
+
+fn limits() -> Limits {
+    Limits { max_head: 1024, max_target: 256, max_body: 4096, max_pipeline: 64 }
+}
+
+fn check(name: &str, input: &[u8], expect: Expect) {
+    for step in [0, 1] {
+        let whole = run(input, limits(), step, false);
+        let piped = [input, SECOND].concat();
+        let with_second = run(&piped, limits(), step, false);
+        let how = if step == 0 { "whole" } else { "byte by byte" };
+        match expect {
+            Expect::Ok(want) => {
+                let got: Vec<_> = whole.seen.iter().map(|s| (s.method.as_str(), s.target.as_str(), s.body.as_slice())).collect();
+                assert_eq!(got, want, "{name} ({how})");
+                assert!(whole.statuses().iter().all(|&s| s == 200), "{name} ({how}): {}", text(&whole));
+                // Unless the case closes the connection, the pipelined request is served next.
+                let keeps_open = whole.seen.last().is_some_and(|s| s.keep_alive);
+                let last = with_second.seen.last().map(|s| s.target.as_str());
+                if keeps_open {
+                    assert_eq!(with_second.seen.len(), want.len() + 1, "{name} ({how}) + second");
+                    assert_eq!(last, Some("/second"), "{name} ({how}) + second");
+                } else {
+                    assert_eq!(with_second.seen.len(), want.len(), "{name} ({how}) + second after close");
+                    assert!(with_second.finished, "{name} ({how}): not closed");
+                }
+            }
+            Expect::Err(status) => {
+                for (out, what) in [(&whole, ""), (&with_second, " + second")] {
+                    assert_eq!(out.statuses(), vec![status], "{name} ({how}{what}): {}", text(out));
+                    assert!(out.seen.is_empty(), "{name} ({how}{what}): a request got through");
+                    assert!(out.finished, "{name} ({how}{what}): connection not finished");
+                    assert!(text(out).contains("Connection: close\r\n"), "{name} ({how}{what})");
+                }
+            }
+        }
+    }
+}
+
+fn text(o: &Outcome) -> String {
+    String::from_utf8_lossy(&o.output).into_owned()
+}
+
+#[test]
+fn simple_get() {
+    check("get", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", Expect::Ok(&[("GET", "/", b"")]));
+}
+
+#[test]
+fn empty_lines_before_request_are_ignored() {
+    check("crlf", b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", Expect::Ok(&[("GET", "/", b"")]));
+    check("lf", b"\n\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", Expect::Ok(&[("GET", "/", b"")]));
+}
+
+#[test]
+fn bare_lf_line_endings_are_accepted() {
+    // RFC 9112 2.2 allows a recipient to take a lone LF as a line terminator (httparse does).
+    check("lf head", b"GET / HTTP/1.1\nHost: a\n\n", Expect::Ok(&[("GET", "/", b"")]));
+}
+
+#[test]
+fn any_token_is_a_method() {
+    check("custom", b"PURGE /x HTTP/1.1\r\nHost: a\r\n\r\n", Expect::Ok(&[("PURGE", "/x", b"")]));
+    check("lower", b"get /x HTTP/1.1\r\nHost: a\r\n\r\n", Expect::Ok(&[("get", "/x", b"")]));
+}
+
+#[test]
+fn content_length_body() {
+    check(
+        "cl",
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+        Expect::Ok(&[("POST", "/echo", b"hello")]),
+    );
+    check(
+        "cl repeated same",
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        Expect::Ok(&[("POST", "/echo", b"hello")]),
+    );
+    check(
+        "cl list same",
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\nhello",
+        Expect::Ok(&[("POST", "/echo", b"hello")]),
+    );
+}
+
+#[test]
+fn chunked_body_with_extensions_and_trailers() {
+    check(
+        "chunked",
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=1;y=\"q\\\"v\"\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+        Expect::Ok(&[("POST", "/echo", b"hello world")]),
+    );
+    check(
+        "chunked upper hex, BWS",
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\nA ; ext\r\n0123456789\r\n0\r\n\r\n",
+        Expect::Ok(&[("POST", "/echo", b"0123456789")]),
+    );
+}
+
+#[test]
+fn pipelined_requests_in_one_input() {
+    check(
+        "three",
+        b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nPOST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhiGET /3 HTTP/1.1\r\nHost: a\r\n\r\n",
+        Expect::Ok(&[("GET", "/1", b""), ("POST", "/2", b"hi"), ("GET", "/3", b"")]),
+    );
+}
+
+#[test]
+fn keep_alive_rules() {
+    // HTTP/1.0 closes by default: the pipelined second request is never read.
+    check("1.0", b"GET / HTTP/1.0\r\n\r\n", Expect::Ok(&[("GET", "/", b"")]));
+    check("1.0 keep-alive", b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", Expect::Ok(&[("GET", "/", b"")]));
+    check("1.1 close", b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", Expect::Ok(&[("GET", "/", b"")]));
+    let ka = run(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", limits(), 0, false);
+    assert!(ka.seen[0].keep_alive && !ka.finished);
+    assert!(String::from_utf8_lossy(&ka.output).contains("Connection: keep-alive\r\n"));
+    let close = run(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Close\r\n\r\n", limits(), 0, false);
+    assert!(!close.seen[0].keep_alive && close.finished);
+    assert!(String::from_utf8_lossy(&close.output).contains("Connection: close\r\n"));
+}
+
+#[test]
+fn malformed_request_lines_are_400() {
+    for (name, input) in [
+        ("extra token", &b"GET / HTTP/1.1 x\r\nHost: a\r\n\r\n"[..]),
+        ("no target", b"GET\r\nHost: a\r\n\r\n"),
+        ("double space", b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n"),
+        ("leading space", b" GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+        ("control in method", b"G\x01T / HTTP/1.1\r\nHost: a\r\n\r\n"),
+        ("bare CR in line", b"GET /\r HTTP/1.1\r\nHost: a\r\n\r\n"),
+        ("bad protocol", b"GET / FTP/1.1\r\nHost: a\r\n\r\n"),
+        ("bare CR before request", b"\rGET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+    ] {
+        check(name, input, Expect::Err(400));
+    }
+}
+
+#[test]
+fn malformed_headers_are_400() {
+    for (name, input) in [
+        ("space before colon", &b"GET / HTTP/1.1\r\nHost : a\r\n\r\n"[..]),
+        ("no colon", b"GET / HTTP/1.1\r\nHost: a\r\nNoColon\r\n\r\n"),
+        ("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n"),
+        ("bare CR in value", b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n"),
+        ("NUL in value", b"GET / HTTP/1.1\r\nHost: a\r\nX: a\0b\r\n\r\n"),
+        ("missing host", b"GET / HTTP/1.1\r\n\r\n"),
+        ("two hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+    ] {
+        check(name, input, Expect::Err(400));
+    }
+}
+
+#[test]
+fn ambiguous_framing_is_400() {
+    for (name, input) in [
+        ("te and cl", &b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n"[..]),
+        ("cl differ", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"),
+        ("cl list differ", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 4\r\n\r\nabcd"),
+        ("cl sign", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\nabc"),
+        ("cl empty", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \r\n\r\n"),
+        ("cl hex", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x3\r\n\r\nabc"),
+        ("chunked twice", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n"),
+        ("chunked not last", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n0\r\n\r\n"),
+        ("te empty", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \r\n\r\n"),
+    ] {
+        check(name, input, Expect::Err(400));
+    }
+}
+
+#[test]
+fn bad_chunks_are_400() {
+    let head = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
+    for (name, chunks) in [
+        ("non-hex size", "zz\r\nhello\r\n0\r\n\r\n"),
+        ("empty size", "\r\nhello\r\n0\r\n\r\n"),
+        ("negative size", "-5\r\nhello\r\n0\r\n\r\n"),
+        ("size overflow", "fffffffffffffffff\r\nx\r\n0\r\n\r\n"),
+        ("ext without name", "5;=x\r\nhello\r\n0\r\n\r\n"),
+        ("ext unterminated quote", "5;a=\"x\r\nhello\r\n0\r\n\r\n"),
+        ("ext bad char", "5;a@b\r\nhello\r\n0\r\n\r\n"),
+        ("bare LF after size", "5\nhello\r\n0\r\n\r\n"),
+        ("bare CR in size line", "5\r;a\r\nhello\r\n0\r\n\r\n"),
+        ("data longer than size", "3\r\nhello\r\n0\r\n\r\n"),
+        ("no CRLF after data", "5\r\nhelloXY0\r\n\r\n"),
+        ("bad trailer", "5\r\nhello\r\n0\r\nbad trailer\r\n\r\n"),
+    ] {
+        check(name, format!("{head}{chunks}").as_bytes(), Expect::Err(400));
+    }
+}
+
+#[test]
+fn limits_give_413_414_431() {
+    let long_target = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(300));
+    check("414", long_target.as_bytes(), Expect::Err(414));
+    let long_header = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "b".repeat(1100));
+    check("431", long_header.as_bytes(), Expect::Err(431));
+    let many: String = (0..120).map(|i| format!("X{i}: v\r\n")).collect();
+    check("431 count", format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n").as_bytes(), Expect::Err(431));
+    check("413 cl", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n\r\n", Expect::Err(413));
+    check("413 cl overflow", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999999\r\n\r\n", Expect::Err(413));
+    let big_chunks = format!("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n{0}\r\n800\r\n{0}\r\n1\r\nx\r\n0\r\n\r\n", "c".repeat(0x800));
+    check("413 chunked", big_chunks.as_bytes(), Expect::Err(413));
+}
+
+#[test]
+fn unsupported_coding_and_version() {
+    check("gzip", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", Expect::Err(501));
+    check("gzip, chunked", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", Expect::Err(501));
+    check("2.0", b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", Expect::Err(505));
+    check("1.2", b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", Expect::Err(505));
+    check("0.9 style", b"GET / HTTP/1.10\r\nHost: a\r\n\r\n", Expect::Err(400));
+}
+
+#[test]
+fn head_gets_length_but_no_body() {
+    let o = run(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n", limits(), 0, false);
+    let text = String::from_utf8_lossy(&o.output);
+    assert!(text.ends_with("Content-Length: 6\r\n\r\n"), "{text}");
+}
+
+#[test]
+fn expect_continue_is_sent_once_before_the_body() {
+    let head = b"POST /echo HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n";
+    let o = run(head, limits(), 0, false);
+    assert_eq!(o.output, b"HTTP/1.1 100 Continue\r\n\r\n");
+    let o = run(&[&head[..], b"hello"].concat(), limits(), 1, false);
+    let text = String::from_utf8_lossy(&o.output);
+    assert!(text.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"), "{text}");
+    assert_eq!(text.matches("100 Continue").count(), 1);
+    // Over the body limit: no 100, just 413.
+    let o = run(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 99999\r\n\r\n", limits(), 0, false);
+    assert_eq!(o.statuses(), vec![413]);
+    assert!(!String::from_utf8_lossy(&o.output).contains("100 Continue"));
+}
+
+#[test]
+fn eof_mid_request_finishes_quietly() {
+    let o = run(b"GET / HTTP/1.1\r\nHo", limits(), 0, true);
+    assert!(o.output.is_empty() && o.finished);
+}
