@@ -1,0 +1,106 @@
+//! The one black-box test suite that every server in this workspace must pass.
+//!
+//! Each pattern crate (single-thread, dispatcher, prefork, ...) builds a server binary that
+//! speaks the same HTTP/1.1 and runs the same application. This crate starts such a binary as a
+//! child process and talks to it only through its socket, its stderr and signals, so the same
+//! checks hold every pattern to the same contract: responses, keep-alive, pipelining, request
+//! bodies, rejections of bad input, timeouts, `/stats` counts, running out of file descriptors,
+//! and graceful shutdown.
+//!
+//! A server crate uses it from one test file:
+//!
+//! ```no_run
+//! // crates/<pattern>/tests/blackbox.rs
+//! blackbox::suite!(env!("CARGO_BIN_EXE_single-thread"));
+//! // or, with extra server flags:
+//! // blackbox::suite!(env!("CARGO_BIN_EXE_dispatcher"), ["--workers", "4"]);
+//! ```
+//!
+//! with `blackbox = { workspace = true }` under `[dev-dependencies]`. That expands to one
+//! `#[test]` per check in [`checks`], so cargo test and nextest run and report each separately;
+//! each test starts its own server on `127.0.0.1:0` and kills it when done.
+//!
+//! The pieces are public for a pattern's own tests as well:
+//! - [`Server`]: start a binary, find its address, signal it, wait for its exit, read its CPU
+//!   time and stderr (printed automatically when a test fails);
+//! - [`Client`]: a blocking HTTP/1.1 client where every read has a timeout and every failure
+//!   shows the bytes received;
+//! - [`checks`]: the checks, plus measurements that are not in the suite, such as
+//!   [`checks::heavy_delays_hello`].
+
+pub mod checks;
+pub mod client;
+pub mod json;
+pub mod server;
+
+pub use client::{Client, Expect, ReadError, Response};
+pub use server::Server;
+
+/// Expands to one `#[test]` per check in [`checks`] against the server binary `$bin`, started
+/// with the extra flags `$args` (a bracketed list of `&str`, optional).
+///
+/// ```no_run
+/// blackbox::suite!(env!("CARGO_BIN_EXE_single-thread"));
+/// ```
+///
+/// ```no_run
+/// blackbox::suite!(env!("CARGO_BIN_EXE_single-thread"), ["--workers", "4"]);
+/// ```
+#[macro_export]
+macro_rules! suite {
+    (@tests ($bin:expr, $args:tt) $($check:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $check() {
+                let args: &[&str] = &$args;
+                $crate::checks::$check($bin, args);
+            }
+        )*
+    };
+    ($bin:expr, $args:tt $(,)?) => {
+        $crate::suite!(@tests ($bin, $args)
+            hello,
+            keep_alive_1000_requests,
+            pipelined_50_in_order,
+            request_one_byte_at_a_time,
+            chunked_request_body,
+            echo_1mib,
+            http10_closes_after_reply,
+            http10_keep_alive,
+            http11_connection_close,
+            head_request,
+            expect_100_continue,
+            not_found_404,
+            wrong_method_405,
+            unknown_method_501,
+            reject_extra_token_in_request_line,
+            reject_request_line_without_target,
+            reject_space_before_header_colon,
+            reject_header_without_colon,
+            reject_http11_without_host,
+            reject_transfer_encoding_with_content_length,
+            reject_conflicting_content_lengths,
+            reject_bad_chunk_size,
+            reject_chunk_extension_without_name,
+            reject_unterminated_chunk_extension,
+            reject_bare_cr_in_header,
+            reject_header_section_too_large_431,
+            reject_target_too_long_414,
+            reject_content_length_over_limit_413,
+            reject_chunked_body_over_limit_413,
+            reject_transfer_encoding_gzip_501,
+            reject_http20_505,
+            reject_http12_505,
+            no_reply_after_rejected_request,
+            concurrent_clients_counted_in_stats,
+            header_timeout,
+            idle_timeout,
+            emfile_no_spin,
+            sigterm_during_load,
+            sigint_during_load,
+        );
+    };
+    ($bin:expr $(,)?) => {
+        $crate::suite!($bin, []);
+    };
+}
