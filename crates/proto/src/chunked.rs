@@ -28,7 +28,11 @@ pub(crate) struct Decoder {
 impl Decoder {
     /// A decoder for a body that starts at `offset` in the buffer.
     pub fn new(offset: usize) -> Decoder {
-        Decoder { state: State::Size, read: offset, write: offset }
+        Decoder {
+            state: State::Size,
+            read: offset,
+            write: offset,
+        }
     }
 
     /// Decodes as much of `buf` as is there. `Ok(true)` once the last chunk and trailers are in.
@@ -43,7 +47,9 @@ impl Decoder {
         loop {
             match self.state {
                 State::Size => {
-                    let Some(line) = self.line(buf)? else { return Ok(false) };
+                    let Some(line) = self.line(buf)? else {
+                        return Ok(false);
+                    };
                     let size = parse_size_line(line)?;
                     self.read += line.len() + 2;
                     if size == 0 {
@@ -62,11 +68,17 @@ impl Decoder {
                     buf.copy_within(self.read..self.read + n, self.write);
                     self.read += n;
                     self.write += n;
-                    self.state = if left == n as u64 { State::DataEnd } else { State::Data(left - n as u64) };
+                    self.state = if left == n as u64 {
+                        State::DataEnd
+                    } else {
+                        State::Data(left - n as u64)
+                    };
                 }
                 State::DataEnd => {
                     match buf.get(self.read..self.read + 2) {
-                        None if buf.len() - self.read == 1 && buf[self.read] == b'\r' => return Ok(false),
+                        None if buf.len() - self.read == 1 && buf[self.read] == b'\r' => {
+                            return Ok(false);
+                        }
                         None if buf.len() == self.read => return Ok(false),
                         Some(b"\r\n") => self.read += 2,
                         _ => return Err(400),
@@ -91,7 +103,9 @@ impl Decoder {
                     if bytes + len + 2 > max_trailers {
                         return Err(431);
                     }
-                    self.state = State::Trailers { bytes: bytes + len + 2 };
+                    self.state = State::Trailers {
+                        bytes: bytes + len + 2,
+                    };
                 }
                 State::Done => return Ok(true),
             }
@@ -125,15 +139,20 @@ fn parse_size_line(line: &[u8]) -> Result<u64, u16> {
     if digits == 0 || digits > 15 {
         return Err(400);
     }
-    let size = u64::from_str_radix(std::str::from_utf8(&line[..digits]).map_err(|_| 400u16)?, 16)
-        .map_err(|_| 400u16)?;
+    let size = u64::from_str_radix(
+        std::str::from_utf8(&line[..digits]).map_err(|_| 400u16)?,
+        16,
+    )
+    .map_err(|_| 400u16)?;
     let mut rest = &line[digits..];
     loop {
         rest = trim_bws(rest);
         if rest.is_empty() {
             return Ok(size);
         }
-        let Some(after) = rest.strip_prefix(b";") else { return Err(400) };
+        let Some(after) = rest.strip_prefix(b";") else {
+            return Err(400);
+        };
         rest = trim_bws(after);
         let name_len = rest.iter().take_while(|&&b| is_tchar(b)).count();
         if name_len == 0 {
@@ -152,8 +171,12 @@ fn skip_ext_value(v: &[u8]) -> Result<&[u8], u16> {
         loop {
             match q {
                 [b'"', rest @ ..] => return Ok(rest),
-                [b'\\', c, rest @ ..] if *c == b'\t' || (b' '..=b'~').contains(c) || *c >= 0x80 => q = rest,
-                [c, rest @ ..] if *c == b'\t' || (*c >= b' ' && *c != 0x7f && *c != b'\\') => q = rest,
+                [b'\\', c, rest @ ..] if *c == b'\t' || (b' '..=b'~').contains(c) || *c >= 0x80 => {
+                    q = rest
+                }
+                [c, rest @ ..] if *c == b'\t' || (*c >= b' ' && *c != 0x7f && *c != b'\\') => {
+                    q = rest
+                }
                 _ => return Err(400),
             }
         }
@@ -179,7 +202,10 @@ fn check_trailer(line: &[u8]) -> Result<(), u16> {
     if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
         return Err(400);
     }
-    if value.iter().any(|&b| b == 0 || b == 0x7f || (b < b' ' && b != b'\t')) {
+    if value
+        .iter()
+        .any(|&b| b == 0 || b == 0x7f || (b < b' ' && b != b'\t'))
+    {
         return Err(400);
     }
     Ok(())

@@ -165,13 +165,16 @@ impl Conn {
                 return None;
             }
         }
-        let Reading::Body(head, progress) = std::mem::replace(&mut self.reading, Reading::Head) else {
+        let Reading::Body(head, progress) = std::mem::replace(&mut self.reading, Reading::Head)
+        else {
             unreachable!("advance_reader returned a complete request");
         };
         let base = self.start;
         let (body, consumed) = match progress {
             BodyProgress::Length => {
-                let Framing::Length(n) = head.framing else { unreachable!() };
+                let Framing::Length(n) = head.framing else {
+                    unreachable!()
+                };
                 ((base + head.len, base + head.len + n), head.len + n)
             }
             BodyProgress::Chunked(d) => ((base + head.len, d.write), d.read - base),
@@ -187,7 +190,12 @@ impl Conn {
             keep_alive: head.keep_alive,
             http10: head.version == Version::Http10,
         };
-        self.slots.push_back(Slot { meta, state: SlotState::Waiting, early: Vec::new(), ended: false });
+        self.slots.push_back(Slot {
+            meta,
+            state: SlotState::Waiting,
+            early: Vec::new(),
+            ended: false,
+        });
         let id = ReqId(self.first_id + self.slots.len() as u64 - 1);
         Some(Request {
             id,
@@ -209,7 +217,9 @@ impl Conn {
                 Reading::Head => {
                     // RFC 9112 2.2: ignore empty lines before a request line.
                     while self.start < self.end && matches!(self.input[self.start], b'\r' | b'\n') {
-                        if self.input[self.start] == b'\r' && self.input.get(self.start + 1) != Some(&b'\n') {
+                        if self.input[self.start] == b'\r'
+                            && self.input.get(self.start + 1) != Some(&b'\n')
+                        {
                             if self.start + 1 == self.end {
                                 return Ok(false);
                             }
@@ -226,18 +236,27 @@ impl Conn {
                     };
                     let progress = match head.framing {
                         Framing::Length(_) => BodyProgress::Length,
-                        Framing::Chunked => BodyProgress::Chunked(Decoder::new(self.start + head.len)),
+                        Framing::Chunked => {
+                            BodyProgress::Chunked(Decoder::new(self.start + head.len))
+                        }
                     };
                     self.reading = Reading::Body(head, progress);
                 }
                 Reading::Body(head, BodyProgress::Length) => {
-                    let Framing::Length(n) = head.framing else { unreachable!() };
+                    let Framing::Length(n) = head.framing else {
+                        unreachable!()
+                    };
                     return Ok(self.end - self.start >= head.len + n);
                 }
                 Reading::Body(head, BodyProgress::Chunked(decoder)) => {
                     let body_start = self.start + head.len;
                     let max_trailers = self.limits.max_head;
-                    return decoder.decode(&mut self.input[..self.end], body_start, self.limits.max_body, max_trailers);
+                    return decoder.decode(
+                        &mut self.input[..self.end],
+                        body_start,
+                        self.limits.max_body,
+                        max_trailers,
+                    );
                 }
             }
         }
@@ -248,7 +267,11 @@ impl Conn {
         self.failed = true;
         self.reading = Reading::Stopped;
         self.start = self.end;
-        let meta = ReplyMeta { head_only: false, keep_alive: false, http10: false };
+        let meta = ReplyMeta {
+            head_only: false,
+            keep_alive: false,
+            http10: false,
+        };
         self.slots.push_back(Slot {
             meta,
             state: SlotState::Ready(Response::error(status)),
@@ -271,10 +294,10 @@ impl Conn {
     /// Files the reply to request `id`. Replies leave in request order, whatever order they
     /// are filed in. A reply for a request this connection no longer owes is dropped.
     pub fn respond(&mut self, id: ReqId, response: Response) {
-        if let Some(slot) = self.slot(id) {
-            if matches!(slot.state, SlotState::Waiting) {
-                slot.state = SlotState::Ready(response);
-            }
+        if let Some(slot) = self.slot(id)
+            && matches!(slot.state, SlotState::Waiting)
+        {
+            slot.state = SlotState::Ready(response);
         }
     }
 
@@ -333,9 +356,14 @@ impl Conn {
 
     fn encode_ready(&mut self, common: &CommonHeaders) {
         while !self.out_closed {
-            let Some(slot) = self.slots.front_mut() else { break };
-            let SlotState::Ready(_) = slot.state else { break };
-            let SlotState::Ready(r) = std::mem::replace(&mut slot.state, SlotState::Streaming) else {
+            let Some(slot) = self.slots.front_mut() else {
+                break;
+            };
+            let SlotState::Ready(_) = slot.state else {
+                break;
+            };
+            let SlotState::Ready(r) = std::mem::replace(&mut slot.state, SlotState::Streaming)
+            else {
                 unreachable!()
             };
             if self.out_pos > SHRINK_ABOVE {
@@ -359,11 +387,14 @@ impl Conn {
             }
         }
         // 100 Continue may go out only after every earlier reply, and only once per request.
-        if let Reading::Body(head, _) = &self.reading {
-            if head.expect_continue && !self.continue_sent && self.slots.is_empty() && !self.out_closed {
-                self.out.extend_from_slice(CONTINUE);
-                self.continue_sent = true;
-            }
+        if let Reading::Body(head, _) = &self.reading
+            && head.expect_continue
+            && !self.continue_sent
+            && self.slots.is_empty()
+            && !self.out_closed
+        {
+            self.out.extend_from_slice(CONTINUE);
+            self.continue_sent = true;
         }
     }
 
@@ -405,16 +436,29 @@ impl Conn {
     /// Everything owed has been written and no more requests will be read: close the socket.
     pub fn is_finished(&self) -> bool {
         self.unsent() == 0
-            && (self.out_closed || (matches!(self.reading, Reading::Stopped) && self.slots.is_empty()))
+            && (self.out_closed
+                || (matches!(self.reading, Reading::Stopped) && self.slots.is_empty()))
     }
 
     /// Part of a request has arrived but not all of it: the header timeout applies.
     pub fn has_partial_request(&self) -> bool {
         match self.reading {
             Reading::Body(..) => true,
-            Reading::Head => self.input[self.start..self.end].iter().any(|&b| b != b'\r' && b != b'\n'),
+            Reading::Head => self.input[self.start..self.end]
+                .iter()
+                .any(|&b| b != b'\r' && b != b'\n'),
             Reading::Stopped => false,
         }
+    }
+
+    /// Part of a body has arrived but not all of it.
+    pub fn reading_body(&self) -> bool {
+        matches!(self.reading, Reading::Body(..))
+    }
+
+    /// Read no further requests (shutdown): what is owed is still written, then finished.
+    pub fn stop_reading(&mut self) {
+        self.reading = Reading::Stopped;
     }
 
     /// Requests are being handled or replies are being written.

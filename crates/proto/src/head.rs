@@ -72,7 +72,11 @@ pub(crate) fn parse(
     if target.len() > limits.max_target {
         return Err(414);
     }
-    let version = if req.version == Some(0) { Version::Http10 } else { Version::Http11 };
+    let version = if req.version == Some(0) {
+        Version::Http10
+    } else {
+        Version::Http11
+    };
 
     let base = buf.as_ptr() as usize;
     let span = |s: &[u8]| ((s.as_ptr() as usize - base) as u32, s.len() as u32);
@@ -84,7 +88,10 @@ pub(crate) fn parse(
     let mut hosts = 0;
     let mut expect_continue = false;
     for h in req.headers.iter() {
-        positions.push(HeaderPos { name: span(h.name.as_bytes()), value: span(h.value) });
+        positions.push(HeaderPos {
+            name: span(h.name.as_bytes()),
+            value: span(h.value),
+        });
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
             let n = parse_content_length(h.value)?;
@@ -157,7 +164,13 @@ fn version_error(buf: &[u8]) -> Option<u16> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let version = line.rsplit(|&b| b == b' ').next().unwrap_or_default();
     let fits = version.len() <= 8
-        && version.iter().zip(b"HTTP/0.0").all(|(&c, &p)| if p == b'0' { c.is_ascii_digit() } else { c == p });
+        && version.iter().zip(b"HTTP/0.0").all(|(&c, &p)| {
+            if p == b'0' {
+                c.is_ascii_digit()
+            } else {
+                c == p
+            }
+        });
     match (fits, complete, version.len()) {
         (true, true, 8) => Some(505),
         (true, false, _) => None,
@@ -174,7 +187,9 @@ fn parse_content_length(value: &[u8]) -> Result<u64, u16> {
         }
         let n = item
             .iter()
-            .try_fold(0u64, |acc, &d| acc.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+            .try_fold(0u64, |acc, &d| {
+                acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+            })
             .ok_or(413u16)?;
         if result.is_some_and(|prev| prev != n) {
             return Err(400);

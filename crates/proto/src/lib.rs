@@ -43,7 +43,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_head: 16 * 1024, max_target: 8 * 1024, max_body: 8 * 1024 * 1024, max_pipeline: 64 }
+        Limits {
+            max_head: 16 * 1024,
+            max_target: 8 * 1024,
+            max_body: 8 * 1024 * 1024,
+            max_pipeline: 64,
+        }
     }
 }
 
@@ -82,7 +87,9 @@ impl<'a> Request<'a> {
 
     /// The first header named `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&'a [u8]> {
-        self.headers().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+        self.headers()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
     }
 
     pub fn headers(&self) -> impl Iterator<Item = (&'a str, &'a [u8])> + '_ {

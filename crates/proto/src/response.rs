@@ -60,7 +60,11 @@ impl Response {
         }
     }
 
-    pub fn owned(status: u16, content_type: impl Into<Cow<'static, str>>, body: Vec<u8>) -> Response {
+    pub fn owned(
+        status: u16,
+        content_type: impl Into<Cow<'static, str>>,
+        body: Vec<u8>,
+    ) -> Response {
         Response {
             status,
             content_type: content_type.into(),
@@ -115,7 +119,12 @@ pub(crate) struct ReplyMeta {
 
 /// Appends the status line and headers, and the body unless it is streamed or the request was
 /// HEAD. Returns whether the connection stays open after this reply.
-pub(crate) fn encode(out: &mut Vec<u8>, r: &Response, meta: ReplyMeta, common: &CommonHeaders) -> bool {
+pub(crate) fn encode(
+    out: &mut Vec<u8>,
+    r: &Response,
+    meta: ReplyMeta,
+    common: &CommonHeaders,
+) -> bool {
     // A streamed reply to HTTP/1.0 has no chunked coding: the close ends it.
     let keep_alive = meta.keep_alive && !r.close && !(r.is_stream() && meta.http10);
     let mut num = itoa::Buffer::new();

@@ -16,7 +16,12 @@ enum Expect {
 }
 
 fn limits() -> Limits {
-    Limits { max_head: 1024, max_target: 256, max_body: 4096, max_pipeline: 64 }
+    Limits {
+        max_head: 1024,
+        max_target: 256,
+        max_body: 4096,
+        max_pipeline: 64,
+    }
 }
 
 fn check(name: &str, input: &[u8], expect: Expect) {
@@ -27,26 +32,56 @@ fn check(name: &str, input: &[u8], expect: Expect) {
         let how = if step == 0 { "whole" } else { "byte by byte" };
         match expect {
             Expect::Ok(want) => {
-                let got: Vec<_> = whole.seen.iter().map(|s| (s.method.as_str(), s.target.as_str(), s.body.as_slice())).collect();
+                let got: Vec<_> = whole
+                    .seen
+                    .iter()
+                    .map(|s| (s.method.as_str(), s.target.as_str(), s.body.as_slice()))
+                    .collect();
                 assert_eq!(got, want, "{name} ({how})");
-                assert!(whole.statuses().iter().all(|&s| s == 200), "{name} ({how}): {}", text(&whole));
+                assert!(
+                    whole.statuses().iter().all(|&s| s == 200),
+                    "{name} ({how}): {}",
+                    text(&whole)
+                );
                 // Unless the case closes the connection, the pipelined request is served next.
                 let keeps_open = whole.seen.last().is_some_and(|s| s.keep_alive);
                 let last = with_second.seen.last().map(|s| s.target.as_str());
                 if keeps_open {
-                    assert_eq!(with_second.seen.len(), want.len() + 1, "{name} ({how}) + second");
+                    assert_eq!(
+                        with_second.seen.len(),
+                        want.len() + 1,
+                        "{name} ({how}) + second"
+                    );
                     assert_eq!(last, Some("/second"), "{name} ({how}) + second");
                 } else {
-                    assert_eq!(with_second.seen.len(), want.len(), "{name} ({how}) + second after close");
+                    assert_eq!(
+                        with_second.seen.len(),
+                        want.len(),
+                        "{name} ({how}) + second after close"
+                    );
                     assert!(with_second.finished, "{name} ({how}): not closed");
                 }
             }
             Expect::Err(status) => {
                 for (out, what) in [(&whole, ""), (&with_second, " + second")] {
-                    assert_eq!(out.statuses(), vec![status], "{name} ({how}{what}): {}", text(out));
-                    assert!(out.seen.is_empty(), "{name} ({how}{what}): a request got through");
-                    assert!(out.finished, "{name} ({how}{what}): connection not finished");
-                    assert!(text(out).contains("Connection: close\r\n"), "{name} ({how}{what})");
+                    assert_eq!(
+                        out.statuses(),
+                        vec![status],
+                        "{name} ({how}{what}): {}",
+                        text(out)
+                    );
+                    assert!(
+                        out.seen.is_empty(),
+                        "{name} ({how}{what}): a request got through"
+                    );
+                    assert!(
+                        out.finished,
+                        "{name} ({how}{what}): connection not finished"
+                    );
+                    assert!(
+                        text(out).contains("Connection: close\r\n"),
+                        "{name} ({how}{what})"
+                    );
                 }
             }
         }
@@ -59,25 +94,49 @@ fn text(o: &Outcome) -> String {
 
 #[test]
 fn simple_get() {
-    check("get", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", Expect::Ok(&[("GET", "/", b"")]));
+    check(
+        "get",
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        Expect::Ok(&[("GET", "/", b"")]),
+    );
 }
 
 #[test]
 fn empty_lines_before_request_are_ignored() {
-    check("crlf", b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", Expect::Ok(&[("GET", "/", b"")]));
-    check("lf", b"\n\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", Expect::Ok(&[("GET", "/", b"")]));
+    check(
+        "crlf",
+        b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        Expect::Ok(&[("GET", "/", b"")]),
+    );
+    check(
+        "lf",
+        b"\n\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        Expect::Ok(&[("GET", "/", b"")]),
+    );
 }
 
 #[test]
 fn bare_lf_line_endings_are_accepted() {
     // RFC 9112 2.2 allows a recipient to take a lone LF as a line terminator (httparse does).
-    check("lf head", b"GET / HTTP/1.1\nHost: a\n\n", Expect::Ok(&[("GET", "/", b"")]));
+    check(
+        "lf head",
+        b"GET / HTTP/1.1\nHost: a\n\n",
+        Expect::Ok(&[("GET", "/", b"")]),
+    );
 }
 
 #[test]
 fn any_token_is_a_method() {
-    check("custom", b"PURGE /x HTTP/1.1\r\nHost: a\r\n\r\n", Expect::Ok(&[("PURGE", "/x", b"")]));
-    check("lower", b"get /x HTTP/1.1\r\nHost: a\r\n\r\n", Expect::Ok(&[("get", "/x", b"")]));
+    check(
+        "custom",
+        b"PURGE /x HTTP/1.1\r\nHost: a\r\n\r\n",
+        Expect::Ok(&[("PURGE", "/x", b"")]),
+    );
+    check(
+        "lower",
+        b"get /x HTTP/1.1\r\nHost: a\r\n\r\n",
+        Expect::Ok(&[("get", "/x", b"")]),
+    );
 }
 
 #[test]
@@ -125,13 +184,35 @@ fn pipelined_requests_in_one_input() {
 #[test]
 fn keep_alive_rules() {
     // HTTP/1.0 closes by default: the pipelined second request is never read.
-    check("1.0", b"GET / HTTP/1.0\r\n\r\n", Expect::Ok(&[("GET", "/", b"")]));
-    check("1.0 keep-alive", b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", Expect::Ok(&[("GET", "/", b"")]));
-    check("1.1 close", b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", Expect::Ok(&[("GET", "/", b"")]));
-    let ka = run(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", limits(), 0, false);
+    check(
+        "1.0",
+        b"GET / HTTP/1.0\r\n\r\n",
+        Expect::Ok(&[("GET", "/", b"")]),
+    );
+    check(
+        "1.0 keep-alive",
+        b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        Expect::Ok(&[("GET", "/", b"")]),
+    );
+    check(
+        "1.1 close",
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        Expect::Ok(&[("GET", "/", b"")]),
+    );
+    let ka = run(
+        b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        limits(),
+        0,
+        false,
+    );
     assert!(ka.seen[0].keep_alive && !ka.finished);
     assert!(String::from_utf8_lossy(&ka.output).contains("Connection: keep-alive\r\n"));
-    let close = run(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Close\r\n\r\n", limits(), 0, false);
+    let close = run(
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Close\r\n\r\n",
+        limits(),
+        0,
+        false,
+    );
     assert!(!close.seen[0].keep_alive && close.finished);
     assert!(String::from_utf8_lossy(&close.output).contains("Connection: close\r\n"));
 }
@@ -146,7 +227,10 @@ fn malformed_request_lines_are_400() {
         ("control in method", b"G\x01T / HTTP/1.1\r\nHost: a\r\n\r\n"),
         ("bare CR in line", b"GET /\r HTTP/1.1\r\nHost: a\r\n\r\n"),
         ("bad protocol", b"GET / FTP/1.1\r\nHost: a\r\n\r\n"),
-        ("bare CR before request", b"\rGET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+        (
+            "bare CR before request",
+            b"\rGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        ),
     ] {
         check(name, input, Expect::Err(400));
     }
@@ -155,11 +239,23 @@ fn malformed_request_lines_are_400() {
 #[test]
 fn malformed_headers_are_400() {
     for (name, input) in [
-        ("space before colon", &b"GET / HTTP/1.1\r\nHost : a\r\n\r\n"[..]),
+        (
+            "space before colon",
+            &b"GET / HTTP/1.1\r\nHost : a\r\n\r\n"[..],
+        ),
         ("no colon", b"GET / HTTP/1.1\r\nHost: a\r\nNoColon\r\n\r\n"),
-        ("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n"),
-        ("bare CR in value", b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n"),
-        ("NUL in value", b"GET / HTTP/1.1\r\nHost: a\r\nX: a\0b\r\n\r\n"),
+        (
+            "obs-fold",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
+        ),
+        (
+            "bare CR in value",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n",
+        ),
+        (
+            "NUL in value",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: a\0b\r\n\r\n",
+        ),
         ("missing host", b"GET / HTTP/1.1\r\n\r\n"),
         ("two hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
     ] {
@@ -209,23 +305,61 @@ fn bad_chunks_are_400() {
 fn limits_give_413_414_431() {
     let long_target = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(300));
     check("414", long_target.as_bytes(), Expect::Err(414));
-    let long_header = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "b".repeat(1100));
+    let long_header = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+        "b".repeat(1100)
+    );
     check("431", long_header.as_bytes(), Expect::Err(431));
     let many: String = (0..120).map(|i| format!("X{i}: v\r\n")).collect();
-    check("431 count", format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n").as_bytes(), Expect::Err(431));
-    check("413 cl", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n\r\n", Expect::Err(413));
-    check("413 cl overflow", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999999\r\n\r\n", Expect::Err(413));
-    let big_chunks = format!("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n{0}\r\n800\r\n{0}\r\n1\r\nx\r\n0\r\n\r\n", "c".repeat(0x800));
+    check(
+        "431 count",
+        format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n").as_bytes(),
+        Expect::Err(431),
+    );
+    check(
+        "413 cl",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n\r\n",
+        Expect::Err(413),
+    );
+    check(
+        "413 cl overflow",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+        Expect::Err(413),
+    );
+    let big_chunks = format!(
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n{0}\r\n800\r\n{0}\r\n1\r\nx\r\n0\r\n\r\n",
+        "c".repeat(0x800)
+    );
     check("413 chunked", big_chunks.as_bytes(), Expect::Err(413));
 }
 
 #[test]
 fn unsupported_coding_and_version() {
-    check("gzip", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", Expect::Err(501));
-    check("gzip, chunked", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", Expect::Err(501));
-    check("2.0", b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", Expect::Err(505));
-    check("1.2", b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", Expect::Err(505));
-    check("0.9 style", b"GET / HTTP/1.10\r\nHost: a\r\n\r\n", Expect::Err(400));
+    check(
+        "gzip",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+        Expect::Err(501),
+    );
+    check(
+        "gzip, chunked",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        Expect::Err(501),
+    );
+    check(
+        "2.0",
+        b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+        Expect::Err(505),
+    );
+    check(
+        "1.2",
+        b"GET / HTTP/1.2\r\nHost: a\r\n\r\n",
+        Expect::Err(505),
+    );
+    check(
+        "0.9 style",
+        b"GET / HTTP/1.10\r\nHost: a\r\n\r\n",
+        Expect::Err(400),
+    );
 }
 
 #[test]
@@ -237,15 +371,24 @@ fn head_gets_length_but_no_body() {
 
 #[test]
 fn expect_continue_is_sent_once_before_the_body() {
-    let head = b"POST /echo HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n";
+    let head =
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n";
     let o = run(head, limits(), 0, false);
     assert_eq!(o.output, b"HTTP/1.1 100 Continue\r\n\r\n");
     let o = run(&[&head[..], b"hello"].concat(), limits(), 1, false);
     let text = String::from_utf8_lossy(&o.output);
-    assert!(text.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(
+        text.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"),
+        "{text}"
+    );
     assert_eq!(text.matches("100 Continue").count(), 1);
     // Over the body limit: no 100, just 413.
-    let o = run(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 99999\r\n\r\n", limits(), 0, false);
+    let o = run(
+        b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 99999\r\n\r\n",
+        limits(),
+        0,
+        false,
+    );
     assert_eq!(o.statuses(), vec![413]);
     assert!(!String::from_utf8_lossy(&o.output).contains("100 Continue"));
 }

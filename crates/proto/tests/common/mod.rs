@@ -32,7 +32,10 @@ impl Outcome {
 }
 
 pub fn common() -> CommonHeaders {
-    CommonHeaders { server: "test", date: http_date(0) }
+    CommonHeaders {
+        server: "test",
+        date: http_date(0),
+    }
 }
 
 /// Feeds `input` in pieces of `step` bytes (0 = all at once), answering every request with
@@ -49,11 +52,18 @@ pub fn run(input: &[u8], limits: Limits, step: usize, eof: bool) -> Outcome {
                 method: req.method.to_string(),
                 target: req.target.to_string(),
                 body: req.body.to_vec(),
-                headers: req.headers().map(|(n, v)| (n.to_string(), v.to_vec())).collect(),
+                headers: req
+                    .headers()
+                    .map(|(n, v)| (n.to_string(), v.to_vec()))
+                    .collect(),
                 keep_alive: req.keep_alive,
             });
             let id = req.id;
-            let text = format!("{} {}", seen.last().unwrap().method, seen.last().unwrap().target);
+            let text = format!(
+                "{} {}",
+                seen.last().unwrap().method,
+                seen.last().unwrap().target
+            );
             conn.respond(id, Response::owned(200, "text/plain", text.into_bytes()));
         }
         let out = conn.output(&common());
@@ -74,5 +84,9 @@ pub fn run(input: &[u8], limits: Limits, step: usize, eof: bool) -> Outcome {
         let out = conn.output(&common());
         output.extend_from_slice(out);
     }
-    Outcome { seen, output, finished: conn.is_finished() }
+    Outcome {
+        seen,
+        output,
+        finished: conn.is_finished(),
+    }
 }

@@ -1,0 +1,645 @@
+//! The event-loop worker every epoll pattern runs: one mio `Poll`, edge-triggered, serving its
+//! connections through the sans-IO [`proto::Conn`]. What makes a pattern is what it plugs in:
+//!
+//! ```text
+//!   listener (optional) ──accept──┐
+//!   LoopHandle::hand_over ────────┼──▶ connections ──request──▶ Handler ──reply now──┐
+//!     (another thread's accepts)  │        ▲                      │                   │
+//!                                 │        │ write in order       └─later: another ───┤
+//!   LoopHandle::complete ─────────┘        └───────────────────────  thread completes ◀┘
+//!     (a reply finished elsewhere; a mio::Waker wakes the loop, like memcached's notify pipe)
+//! ```
+//!
+//! Rules it keeps: read until the socket is drained (a short read proves it is), one write per
+//! batch of pipelined replies, stop reading a connection whose replies back up, time out slow
+//! heads and idle connections, pause accepting on EMFILE instead of spinning, and on SIGTERM
+//! stop accepting, finish what is in flight, and return.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown as Direction;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use proto::{CommonHeaders, Conn, Limits, ReqId, Request, Response, http_date};
+use slab::Slab;
+
+use crate::stats::WorkerStats;
+use crate::{ServerArgs, Shutdown};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+const SIGNALS: Token = Token(usize::MAX - 3);
+
+/// How long a closing connection may keep draining what its peer still sends.
+const LINGER: Duration = Duration::from_secs(2);
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Decides what happens to each request. The loop calls it on its own thread.
+pub trait Handler {
+    /// The reply now, or `None` if it will come later through [`LoopHandle::complete`]
+    /// (or, for a streamed reply, [`LoopHandle::chunk`] and [`LoopHandle::end`]).
+    fn handle(&mut self, req: &Request<'_>, origin: Origin) -> Option<Response>;
+}
+
+/// Runs the whole application on the loop thread, slow requests included.
+pub struct Inline(pub crate::App);
+
+impl Handler for Inline {
+    fn handle(&mut self, req: &Request<'_>, _: Origin) -> Option<Response> {
+        Some(self.0.handle_inline(req))
+    }
+}
+
+/// Names a request across threads: which connection (slot and generation, so that a reply for
+/// a connection closed meanwhile is dropped, not sent to its successor) and which request.
+#[derive(Clone, Copy, Debug)]
+pub struct Origin {
+    token: usize,
+    generation: u64,
+    id: ReqId,
+}
+
+/// What another thread can send a loop.
+pub enum Completion {
+    Reply(Response),
+    Chunk(Vec<u8>),
+    End,
+}
+
+/// The loop's mailbox: other threads hand it connections and finished replies, then wake it.
+pub struct LoopHandle {
+    waker: Waker,
+    /// Set by the first sender after the loop last emptied the mailbox: one wake-up per batch.
+    woken: AtomicBool,
+    incoming: Mutex<Vec<std::net::TcpStream>>,
+    completed: Mutex<Vec<(Origin, Completion)>>,
+}
+
+impl LoopHandle {
+    /// Gives the loop a connection accepted elsewhere (the dispatcher pattern's hand-off).
+    pub fn hand_over(&self, stream: std::net::TcpStream) {
+        lock(&self.incoming).push(stream);
+        self.wake();
+    }
+
+    /// Files the reply to a request the handler left pending.
+    pub fn complete(&self, origin: Origin, response: Response) {
+        self.send(origin, Completion::Reply(response));
+    }
+
+    /// One chunk of a streamed reply.
+    pub fn chunk(&self, origin: Origin, data: Vec<u8>) {
+        self.send(origin, Completion::Chunk(data));
+    }
+
+    /// The end of a streamed reply.
+    pub fn end(&self, origin: Origin) {
+        self.send(origin, Completion::End);
+    }
+
+    fn send(&self, origin: Origin, c: Completion) {
+        lock(&self.completed).push((origin, c));
+        self.wake();
+    }
+
+    pub fn wake(&self) {
+        if !self.woken.swap(true, Ordering::AcqRel) {
+            // A failed wake leaves the loop to its next timer tick; nothing better to do here.
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+/// What the loop needs to know from the flags.
+#[derive(Clone, Debug)]
+pub struct LoopConfig {
+    pub server_name: &'static str,
+    pub limits: Limits,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub max_conns: usize,
+}
+
+impl LoopConfig {
+    pub fn new(server_name: &'static str, args: &ServerArgs) -> LoopConfig {
+        LoopConfig {
+            server_name,
+            limits: args.limits(),
+            header_timeout: args.header_timeout,
+            idle_timeout: args.idle_timeout,
+            shutdown_timeout: args.shutdown_timeout,
+            max_conns: args.max_conns,
+        }
+    }
+}
+
+struct Connection {
+    stream: TcpStream,
+    http: Conn,
+    generation: u64,
+    /// The socket may have input (no WouldBlock or short read since the last edge).
+    readable: bool,
+    /// The socket may take output.
+    writable: bool,
+    last_active: Instant,
+    head_started: Option<Instant>,
+    /// Set once the reply is out and the connection is draining its peer before the close.
+    linger_until: Option<Instant>,
+}
+
+enum Accepting {
+    Yes,
+    /// At --max-conns: resume when a connection closes.
+    Full,
+    /// Out of file descriptors or memory: retry at `until`, backing off.
+    Backoff {
+        until: Instant,
+        delay: Duration,
+    },
+    /// Shutting down, or no listener.
+    No,
+}
+
+pub struct EventLoop {
+    poll: Poll,
+    events: Events,
+    state: State,
+}
+
+/// Everything but the poller, so that events can be iterated while the state changes.
+struct State {
+    config: LoopConfig,
+    registry: Registry,
+    stats: &'static WorkerStats,
+    listener: Option<TcpListener>,
+    accepting: Accepting,
+    handle: Arc<LoopHandle>,
+    shutdown: Arc<Shutdown>,
+    signals: Option<signal_hook_mio::v1_0::Signals>,
+    conns: Slab<Connection>,
+    generations: u64,
+    common: CommonHeaders,
+    date_secs: u64,
+    now: Instant,
+    sweep_every: Duration,
+    next_sweep: Instant,
+    draining_since: Option<Instant>,
+    /// Scratch list of connection tokens, kept to avoid allocating per wake-up.
+    scratch: Vec<usize>,
+}
+
+impl EventLoop {
+    /// A loop serving with `stats` as its counters; give it a listener, or connections through
+    /// its [`LoopHandle`], or both. It registers with `shutdown` to hear about SIGTERM.
+    pub fn new(
+        config: LoopConfig,
+        stats: &'static WorkerStats,
+        shutdown: Arc<Shutdown>,
+    ) -> io::Result<EventLoop> {
+        let poll = Poll::new()?;
+        let handle = Arc::new(LoopHandle {
+            waker: Waker::new(poll.registry(), WAKER)?,
+            woken: AtomicBool::new(false),
+            incoming: Mutex::new(Vec::new()),
+            completed: Mutex::new(Vec::new()),
+        });
+        shutdown.register(handle.clone());
+        let now = Instant::now();
+        // Timeouts are checked by a sweep a few times per shortest timeout, at most once a second.
+        let sweep_every = (config.header_timeout.min(config.idle_timeout) / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        Ok(EventLoop {
+            events: Events::with_capacity(1024),
+            state: State {
+                registry: poll.registry().try_clone()?,
+                conns: Slab::with_capacity(config.max_conns.min(1024)),
+                common: CommonHeaders {
+                    server: config.server_name,
+                    date: http_date(0),
+                },
+                config,
+                stats,
+                listener: None,
+                accepting: Accepting::No,
+                handle,
+                shutdown,
+                signals: None,
+                generations: 0,
+                date_secs: 0,
+                now,
+                sweep_every,
+                next_sweep: now + sweep_every,
+                draining_since: None,
+                scratch: Vec::new(),
+            },
+            poll,
+        })
+    }
+
+    /// Accept connections from this listening socket (or a clone of one shared with other loops).
+    pub fn listen(&mut self, listener: std::net::TcpListener) -> io::Result<()> {
+        let mut listener = TcpListener::from_std(listener);
+        self.poll
+            .registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        self.state.listener = Some(listener);
+        self.state.accepting = Accepting::Yes;
+        Ok(())
+    }
+
+    /// Handle SIGTERM and SIGINT in this loop: it starts the shutdown of every loop.
+    pub fn watch_signals(&mut self) -> io::Result<()> {
+        let mut signals = signal_hook_mio::v1_0::Signals::new(crate::shutdown::STOP_SIGNALS)?;
+        self.poll
+            .registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        self.state.signals = Some(signals);
+        Ok(())
+    }
+
+    /// The mailbox other threads use to reach this loop.
+    pub fn handle(&self) -> Arc<LoopHandle> {
+        self.state.handle.clone()
+    }
+
+    /// Serves until shutdown completes: every connection closed, or `--shutdown-timeout` passed.
+    pub fn run(mut self, handler: &mut impl Handler) -> io::Result<()> {
+        let s = &mut self.state;
+        s.tick();
+        loop {
+            let timeout = s.next_deadline().saturating_duration_since(s.now);
+            if let Err(e) = self.poll.poll(&mut self.events, Some(timeout))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                return Err(e);
+            }
+            s.tick();
+            for event in self.events.iter() {
+                match event.token() {
+                    LISTENER => s.accept_all(),
+                    WAKER => s.open_mailbox(handler),
+                    SIGNALS => s.on_signal(),
+                    Token(i) => {
+                        if let Some(c) = s.conns.get_mut(i) {
+                            c.readable |=
+                                event.is_readable() || event.is_read_closed() || event.is_error();
+                            c.writable |= event.is_writable() || event.is_error();
+                            s.drive(i, handler);
+                        }
+                    }
+                }
+            }
+            if s.shutdown.is_requested() && s.draining_since.is_none() {
+                s.start_draining(handler);
+            }
+            if let Accepting::Backoff { until, .. } = s.accepting
+                && s.now >= until
+            {
+                s.accepting = Accepting::Yes;
+                s.accept_all();
+            }
+            if s.now >= s.next_sweep {
+                s.sweep(handler);
+            }
+            if let Some(since) = s.draining_since
+                && (s.conns.is_empty() || s.now >= since + s.config.shutdown_timeout)
+            {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl State {
+    /// Reads the clocks once per wake-up; the Date header changes at most once a second.
+    fn tick(&mut self) {
+        self.now = Instant::now();
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if secs != self.date_secs {
+            self.date_secs = secs;
+            self.common.date = http_date(secs);
+        }
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let mut next = self.next_sweep;
+        if let Accepting::Backoff { until, .. } = self.accepting {
+            next = next.min(until);
+        }
+        if let Some(since) = self.draining_since {
+            next = next.min(since + self.config.shutdown_timeout);
+        }
+        next
+    }
+
+    // ---- accepting -----------------------------------------------------------------------
+
+    /// Accepts until the queue is empty (edge-triggered: no new edge comes for connections
+    /// already waiting), unless a limit says wait.
+    fn accept_all(&mut self) {
+        while matches!(self.accepting, Accepting::Yes) {
+            if self.conns.len() >= self.config.max_conns {
+                // They wait in the kernel's accept queue; a close resumes accepting.
+                self.accepting = Accepting::Full;
+                return;
+            }
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, _)) => self.add(stream),
+                // The queue is empty.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if is_out_of_resources(&e) => {
+                    // Retrying at once would spin: the queued connection stays readable.
+                    let delay = match self.accepting {
+                        Accepting::Backoff { delay, .. } => (delay * 2).min(ACCEPT_BACKOFF_MAX),
+                        _ => ACCEPT_BACKOFF_MIN,
+                    };
+                    eprintln!(
+                        "{}: accept: {e}; pausing accepts for {delay:?}",
+                        self.config.server_name
+                    );
+                    self.accepting = Accepting::Backoff {
+                        until: self.now + delay,
+                        delay,
+                    };
+                    return;
+                }
+                // The peer gave up while queued (ECONNABORTED) and the like: try the next one.
+                Err(_) => continue,
+            }
+        }
+    }
+
+    fn add(&mut self, mut stream: TcpStream) {
+        let entry = self.conns.vacant_entry();
+        let token = Token(entry.key());
+        // Both directions, once: edge-triggered, so no re-registration as interest changes.
+        if self
+            .registry
+            .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+            .is_err()
+        {
+            return;
+        }
+        self.generations += 1;
+        entry.insert(Connection {
+            stream,
+            http: Conn::new(self.config.limits),
+            generation: self.generations,
+            readable: false,
+            writable: false,
+            last_active: self.now,
+            head_started: None,
+            linger_until: None,
+        });
+        self.stats.connection_opened();
+        if let Accepting::Backoff { .. } = self.accepting {
+            self.accepting = Accepting::Yes;
+        }
+    }
+
+    fn close(&mut self, token: usize) {
+        // Closing the socket removes it from the epoll set: no deregister call needed.
+        drop(self.conns.remove(token));
+        self.stats.connection_closed();
+        if matches!(self.accepting, Accepting::Full) {
+            self.accepting = Accepting::Yes;
+            self.accept_all();
+        }
+    }
+
+    // ---- mailbox and signals -------------------------------------------------------------
+
+    fn open_mailbox(&mut self, handler: &mut impl Handler) {
+        self.handle.woken.store(false, Ordering::Release);
+        let incoming = std::mem::take(&mut *lock(&self.handle.incoming));
+        for stream in incoming {
+            if self.draining_since.is_some() || stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            self.add(TcpStream::from_std(stream));
+        }
+        let completed = std::mem::take(&mut *lock(&self.handle.completed));
+        let mut touched = std::mem::take(&mut self.scratch);
+        for (origin, completion) in completed {
+            let Some(c) = self.conns.get_mut(origin.token) else {
+                continue;
+            };
+            if c.generation != origin.generation {
+                continue;
+            }
+            match completion {
+                Completion::Reply(r) => c.http.respond(origin.id, r),
+                Completion::Chunk(data) => c.http.push_chunk(origin.id, &data),
+                Completion::End => c.http.end_stream(origin.id),
+            }
+            if !touched.contains(&origin.token) {
+                touched.push(origin.token);
+            }
+        }
+        // One drive per connection, however many of its replies came in: one write.
+        for &token in &touched {
+            self.drive(token, handler);
+        }
+        touched.clear();
+        self.scratch = touched;
+    }
+
+    fn on_signal(&mut self) {
+        if let Some(signals) = &mut self.signals
+            && signals.pending().next().is_some()
+        {
+            self.shutdown.trigger();
+        }
+    }
+
+    /// Stop accepting and reading new requests; connections close as their replies go out.
+    fn start_draining(&mut self, handler: &mut impl Handler) {
+        self.draining_since = Some(self.now);
+        self.accepting = Accepting::No;
+        self.listener = None;
+        let mut tokens = std::mem::take(&mut self.scratch);
+        tokens.extend(self.conns.iter().map(|(t, _)| t));
+        for &token in &tokens {
+            if let Some(c) = self.conns.get_mut(token) {
+                c.http.stop_reading();
+                self.drive(token, handler);
+            }
+        }
+        tokens.clear();
+        self.scratch = tokens;
+    }
+
+    // ---- one connection ------------------------------------------------------------------
+
+    /// Moves a connection as far as it can go: serve buffered requests, write the replies
+    /// that are ready in one write, read more, and repeat.
+    fn drive(&mut self, token: usize, handler: &mut impl Handler) {
+        let Some(c) = self.conns.get_mut(token) else {
+            return;
+        };
+        if c.linger_until.is_some() {
+            return self.drain_lingering(token);
+        }
+        loop {
+            while let Some(req) = c.http.next_request() {
+                self.stats.request();
+                c.head_started = None;
+                let origin = Origin {
+                    token,
+                    generation: c.generation,
+                    id: req.id,
+                };
+                let id = req.id;
+                if let Some(reply) = handler.handle(&req, origin) {
+                    c.http.respond(id, reply);
+                }
+            }
+            if c.writable {
+                match write_out(c, &self.common) {
+                    Ok(true) => c.last_active = self.now,
+                    Ok(false) => {}
+                    Err(_) => return self.close(token),
+                }
+            }
+            if !(c.readable && c.http.wants_read()) {
+                break;
+            }
+            let buf = c.http.read_buf();
+            let room = buf.len();
+            match c.stream.read(buf) {
+                // The peer is done sending; what it asked for is still answered.
+                Ok(0) => {
+                    c.http.read_eof();
+                    c.readable = false;
+                }
+                Ok(n) => {
+                    c.http.filled(n);
+                    c.last_active = self.now;
+                    // A short read emptied the socket, and the next byte brings a new edge:
+                    // this saves the read that would only return WouldBlock.
+                    c.readable = n == room;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.readable = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Reset by the peer, or worse: nobody is left to answer.
+                Err(_) => return self.close(token),
+            }
+        }
+        if c.http.is_finished() {
+            self.finish(token);
+        }
+    }
+
+    /// All replies are out. Close, or first linger so the peer reads the last reply before a
+    /// reset could destroy it (nginx's lingering close).
+    fn finish(&mut self, token: usize) {
+        let c = &mut self.conns[token];
+        if c.http.should_linger() && c.stream.shutdown(Direction::Write).is_ok() {
+            c.linger_until = Some(self.now + LINGER);
+            c.readable = true;
+            self.drain_lingering(token);
+        } else {
+            self.close(token);
+        }
+    }
+
+    /// Reads and discards until the peer closes, or the linger time runs out (in `sweep`).
+    fn drain_lingering(&mut self, token: usize) {
+        let c = &mut self.conns[token];
+        let mut scratch = [0u8; 4096];
+        loop {
+            match c.stream.read(&mut scratch) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        self.close(token);
+    }
+
+    // ---- timeouts ------------------------------------------------------------------------
+
+    /// Closes connections past their deadline; a request cut off by the header timeout gets 408.
+    fn sweep(&mut self, handler: &mut impl Handler) {
+        self.next_sweep = self.now + self.sweep_every;
+        let (now, cfg) = (self.now, &self.config);
+        let mut expired = std::mem::take(&mut self.scratch);
+        for (token, c) in self.conns.iter_mut() {
+            let late = if let Some(until) = c.linger_until {
+                now >= until
+            } else if c.http.reading_body() {
+                now - c.last_active >= cfg.idle_timeout
+            } else if c.http.has_partial_request() {
+                now - *c.head_started.get_or_insert(now) >= cfg.header_timeout
+            } else if c.http.owed() > 0 && c.http.unsent() == 0 {
+                // The handler is still working: no deadline of ours applies.
+                false
+            } else {
+                // Idle between requests, or a peer that stopped reading our output.
+                now - c.last_active >= cfg.idle_timeout
+            };
+            if late {
+                expired.push(token);
+            }
+        }
+        for &token in &expired {
+            let c = &mut self.conns[token];
+            if c.linger_until.is_none() && c.http.has_partial_request() {
+                c.http.timed_out();
+                c.writable = true;
+                self.drive(token, handler);
+            } else {
+                self.close(token);
+            }
+        }
+        expired.clear();
+        self.scratch = expired;
+    }
+}
+
+/// Writes what the connection has ready. `Ok(true)` if anything was written.
+fn write_out(c: &mut Connection, common: &CommonHeaders) -> io::Result<bool> {
+    let mut wrote = false;
+    while c.writable {
+        let out = c.http.output(common);
+        if out.is_empty() {
+            break;
+        }
+        match c.stream.write(out) {
+            Ok(n) => {
+                c.http.written(n);
+                wrote = true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.writable = false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(wrote)
+}
+
+fn is_out_of_resources(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,25 @@
+//! What every server in the workspace shares besides the protocol: the command-line flags,
+//! the listening socket, the application, per-worker stats, shutdown on SIGTERM, and the mio
+//! event loop that every epoll pattern runs. A pattern crate adds only its pattern.
+
+pub mod app;
+pub mod cli;
+pub mod event_loop;
+pub mod listener;
+pub mod shutdown;
+pub mod stats;
+
+pub use app::{App, Route, Task};
+pub use cli::ServerArgs;
+pub use event_loop::{EventLoop, Handler, Inline, LoopConfig, LoopHandle, Origin};
+pub use shutdown::Shutdown;
+pub use stats::{Stats, WorkerStats};
+
+/// The one line a server prints when it is ready: pattern, address, workers, pid.
+/// Test harnesses and scripts read the address from it (`listening on http://ADDR `).
+pub fn announce(pattern: &str, addr: std::net::SocketAddr, workers: usize) {
+    eprintln!(
+        "{pattern} listening on http://{addr} (workers: {workers}, pid: {})",
+        std::process::id()
+    );
+}

@@ -1,0 +1,129 @@
+//! Per-worker counters, read by `GET /stats`. Workers only ever add to their own slot, with
+//! relaxed atomics: the counts are for people, not for synchronisation.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+/// Counters a pattern may add to each worker's slot (named by the pattern).
+pub const EXTRA_COUNTERS: usize = 4;
+
+/// One worker's counters. `repr(C)` and atomics only, so that a prefork master can place the
+/// slots in memory shared with its worker processes.
+#[repr(C)]
+#[derive(Default, Debug)]
+pub struct WorkerStats {
+    pub pid: AtomicU32,
+    pub accepted: AtomicU64,
+    pub open: AtomicU64,
+    pub requests: AtomicU64,
+    pub extra: [AtomicU64; EXTRA_COUNTERS],
+}
+
+impl WorkerStats {
+    pub fn connection_opened(&self) {
+        self.accepted.fetch_add(1, Relaxed);
+        self.open.fetch_add(1, Relaxed);
+    }
+
+    pub fn connection_closed(&self) {
+        self.open.fetch_sub(1, Relaxed);
+    }
+
+    pub fn request(&self) {
+        self.requests.fetch_add(1, Relaxed);
+    }
+
+    /// Adds to the pattern's counter `i` (named in [`Stats::with_extra`]).
+    pub fn add_extra(&self, i: usize, n: u64) {
+        self.extra[i].fetch_add(n, Relaxed);
+    }
+}
+
+#[derive(Debug)]
+pub struct Stats {
+    pattern: &'static str,
+    started: Instant,
+    workers: &'static [WorkerStats],
+    extra_names: &'static [&'static str],
+}
+
+impl Stats {
+    /// Counters for `workers` workers of `pattern`, living as long as the process.
+    pub fn new(pattern: &'static str, workers: usize) -> Stats {
+        let slots: Vec<WorkerStats> = (0..workers).map(|_| WorkerStats::default()).collect();
+        Stats::with_slots(pattern, Box::leak(slots.into_boxed_slice()))
+    }
+
+    /// Counters kept in memory the caller provides (a mapping shared across processes).
+    pub fn with_slots(pattern: &'static str, workers: &'static [WorkerStats]) -> Stats {
+        let pid = std::process::id();
+        for w in workers {
+            w.pid.store(pid, Relaxed);
+        }
+        Stats {
+            pattern,
+            started: Instant::now(),
+            workers,
+            extra_names: &[],
+        }
+    }
+
+    /// Names the pattern's extra counters, in slot order; they appear in `/stats` by name.
+    pub fn with_extra(mut self, names: &'static [&'static str]) -> Stats {
+        assert!(
+            names.len() <= EXTRA_COUNTERS,
+            "at most {EXTRA_COUNTERS} extra counters"
+        );
+        self.extra_names = names;
+        self
+    }
+
+    pub fn pattern(&self) -> &'static str {
+        self.pattern
+    }
+
+    pub fn worker(&self, i: usize) -> &'static WorkerStats {
+        &self.workers[i]
+    }
+
+    pub fn workers(&self) -> &'static [WorkerStats] {
+        self.workers
+    }
+
+    /// The `/stats` document.
+    pub fn to_json(&self) -> String {
+        let mut s = String::with_capacity(128 + 160 * self.workers.len());
+        let (mut accepted, mut open, mut requests) = (0, 0, 0);
+        let _ = write!(
+            s,
+            "{{\"pattern\":\"{}\",\"pid\":{},\"uptime_ms\":{},\"workers\":[",
+            self.pattern,
+            std::process::id(),
+            self.started.elapsed().as_millis()
+        );
+        for (id, w) in self.workers.iter().enumerate() {
+            let (a, o, r) = (
+                w.accepted.load(Relaxed),
+                w.open.load(Relaxed),
+                w.requests.load(Relaxed),
+            );
+            (accepted, open, requests) = (accepted + a, open + o, requests + r);
+            let sep = if id == 0 { "" } else { "," };
+            let pid = w.pid.load(Relaxed);
+            let _ = write!(
+                s,
+                "{sep}{{\"id\":{id},\"pid\":{pid},\"accepted\":{a},\"open\":{o},\"requests\":{r}"
+            );
+            for (name, v) in self.extra_names.iter().zip(&w.extra) {
+                let _ = write!(s, ",\"{name}\":{}", v.load(Relaxed));
+            }
+            s.push('}');
+        }
+        let _ = writeln!(
+            s,
+            "],\"total\":{{\"accepted\":{accepted},\"open\":{open},\"requests\":{requests}}}}}"
+        );
+        s
+    }
+}
