@@ -1,0 +1,135 @@
+//! The `GET /` hot path allocates nothing per request once a connection is warm: a counting
+//! global allocator watches the loop a server runs for every read.
+//!
+//! Only allocations made on a thread inside [`counted`] are counted, so the test harness and
+//! tests running in parallel cannot disturb a measurement.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use proto::{CommonHeaders, Conn, Limits, Response, http_date};
+
+struct Counting;
+
+/// Allocations and reallocations made while some thread was counting.
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// Whether this thread's allocations count. Const-initialised, so reading it never allocates.
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+}
+
+fn note() {
+    if COUNTING.with(Cell::get) {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs `f` and returns its result with the number of allocations it made on this thread.
+fn counted<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    let before = ALLOCS.load(Ordering::Relaxed);
+    COUNTING.with(|c| c.set(true));
+    let result = f();
+    COUNTING.with(|c| c.set(false));
+    (result, ALLOCS.load(Ordering::Relaxed) - before)
+}
+
+// SAFETY: every call is forwarded unchanged to `System`; the counter has no effect on memory.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note();
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note();
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note();
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+const CURL_GET: &[u8] =
+    b"GET / HTTP/1.1\r\nHost: localhost:8080\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\n\r\n";
+const HELLO: &str = "Hello, World!";
+const ITERATIONS: usize = 10_000;
+const WARMUP: usize = 8;
+const PIPELINE: usize = 16;
+
+/// One read's worth of work: copy `input` in, answer every request, take the output.
+/// Returns (requests answered, bytes written) so that the loop cannot be optimised away.
+fn serve(conn: &mut Conn, common: &CommonHeaders, input: &[u8]) -> (usize, usize) {
+    let buf = conn.read_buf();
+    buf[..input.len()].copy_from_slice(input);
+    conn.filled(input.len());
+    let mut answered = 0;
+    while let Some(req) = conn.next_request() {
+        let id = req.id;
+        conn.respond(id, Response::text(200, HELLO));
+        answered += 1;
+    }
+    let n = conn.output(common).len();
+    conn.written(n);
+    (answered, n)
+}
+
+/// Runs `ITERATIONS` reads of `input` after a warm-up, and returns the allocations counted in
+/// the measured loop.
+fn measure(input: &[u8], per_read: usize) -> u64 {
+    let common = CommonHeaders {
+        server: "bench",
+        date: http_date(1_700_000_000),
+    };
+    let mut conn = Conn::new(Limits::default());
+    for _ in 0..WARMUP {
+        let (answered, n) = serve(&mut conn, &common, input);
+        assert_eq!(answered, per_read);
+        assert!(n > 0);
+    }
+    let (total, allocations) = counted(|| {
+        let mut total = 0;
+        for _ in 0..ITERATIONS {
+            let (answered, n) = serve(&mut conn, &common, input);
+            total += answered;
+            std::hint::black_box(n);
+        }
+        total
+    });
+    assert_eq!(total, ITERATIONS * per_read);
+    assert!(!conn.is_finished() && conn.wants_read());
+    allocations
+}
+
+#[test]
+fn get_hello_allocates_nothing_per_request() {
+    let single = measure(GET, 1);
+    let pipelined = measure(&GET.repeat(PIPELINE), PIPELINE);
+    let curl = measure(CURL_GET, 1);
+    assert_eq!(
+        (single, pipelined, curl),
+        (0, 0, 0),
+        "allocations in {ITERATIONS} reads: (one GET per read, {PIPELINE} pipelined per read, \
+         one GET with curl's headers per read)"
+    );
+}
+
+/// The counter itself works: a deliberate allocation is seen.
+#[test]
+fn counter_sees_allocations() {
+    let (v, n) = counted(|| std::hint::black_box(vec![1u8; 64]));
+    assert_eq!(n, 1);
+    let (_, n) = counted(|| std::hint::black_box(Response::owned(200, "text/plain", v)));
+    assert_eq!(n, 0, "moving a Vec in is not an allocation");
+}
