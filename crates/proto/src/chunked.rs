@@ -144,13 +144,10 @@ fn parse_size_line(line: &[u8]) -> Result<u64, u16> {
         16,
     )
     .map_err(|_| 400u16)?;
+    // Whitespace is allowed only before a `;` (BWS), never trailing on its own.
     let mut rest = &line[digits..];
-    loop {
-        rest = trim_bws(rest);
-        if rest.is_empty() {
-            return Ok(size);
-        }
-        let Some(after) = rest.strip_prefix(b";") else {
+    while !rest.is_empty() {
+        let Some(after) = trim_bws(rest).strip_prefix(b";") else {
             return Err(400);
         };
         rest = trim_bws(after);
@@ -158,12 +155,12 @@ fn parse_size_line(line: &[u8]) -> Result<u64, u16> {
         if name_len == 0 {
             return Err(400);
         }
-        rest = trim_bws(&rest[name_len..]);
-        if let Some(after) = rest.strip_prefix(b"=") {
-            rest = trim_bws(after);
-            rest = skip_ext_value(rest)?;
+        rest = &rest[name_len..];
+        if let Some(after) = trim_bws(rest).strip_prefix(b"=") {
+            rest = skip_ext_value(trim_bws(after))?;
         }
     }
+    Ok(size)
 }
 
 fn skip_ext_value(v: &[u8]) -> Result<&[u8], u16> {
@@ -201,6 +198,12 @@ fn check_trailer(line: &[u8]) -> Result<(), u16> {
     let (name, value) = (&line[..colon], &line[colon + 1..]);
     if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
         return Err(400);
+    }
+    // RFC 9110 6.5.1: framing and routing fields must not arrive as trailers.
+    for forbidden in [&b"content-length"[..], b"transfer-encoding", b"host"] {
+        if name.eq_ignore_ascii_case(forbidden) {
+            return Err(400);
+        }
     }
     if value
         .iter()

@@ -81,6 +81,9 @@ pub struct Conn {
     eof: bool,
     /// The last reply is an error about the request: the peer may still be sending its body.
     failed: bool,
+    /// Bytes of a partial head already looked at: a head can only end at a newline, so it is
+    /// parsed again only when new bytes bring one (no quadratic work for a trickled head).
+    head_scanned: usize,
 }
 
 impl Conn {
@@ -100,6 +103,7 @@ impl Conn {
             continue_sent: false,
             eof: false,
             failed: false,
+            head_scanned: 0,
         }
     }
 
@@ -231,9 +235,20 @@ impl Conn {
                         return Ok(false);
                     }
                     let data = &self.input[self.start..self.end];
+                    let fresh = &data[self.head_scanned.min(data.len())..];
+                    let limits = &self.limits;
+                    let over_limit = data.len() > limits.max_head
+                        || (data.len() > limits.max_target + 64
+                            && memchr::memchr(b'\n', data).is_none());
+                    if memchr::memchr(b'\n', fresh).is_none() && !over_limit {
+                        self.head_scanned = data.len();
+                        return Ok(false);
+                    }
                     let Some(head) = head::parse(data, &self.limits, &mut self.positions)? else {
+                        self.head_scanned = data.len();
                         return Ok(false);
                     };
+                    self.head_scanned = 0;
                     let progress = match head.framing {
                         Framing::Length(_) => BodyProgress::Length,
                         Framing::Chunked => {

@@ -77,6 +77,7 @@ pub(crate) fn parse(
     } else {
         Version::Http11
     };
+    check_target_form(method, target)?;
 
     let base = buf.as_ptr() as usize;
     let span = |s: &[u8]| ((s.as_ptr() as usize - base) as u32, s.len() as u32);
@@ -138,10 +139,13 @@ pub(crate) fn parse(
         (false, Some(n)) if n > limits.max_body as u64 => return Err(413),
         (false, n) => Framing::Length(n.unwrap_or(0) as usize),
     };
+    // RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 means the framing is faulty.
+    if te_chunked && version == Version::Http10 {
+        return Err(400);
+    }
     let keep_alive = match version {
         Version::Http11 => !close,
-        // RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding must close after it.
-        Version::Http10 => keep_alive_token && !close && !te_chunked,
+        Version::Http10 => keep_alive_token && !close,
     };
     Ok(Some(Head {
         len,
@@ -176,6 +180,32 @@ fn version_error(buf: &[u8]) -> Option<u16> {
         (true, false, _) => None,
         _ => Some(400),
     }
+}
+
+/// RFC 9112 3.2: origin-form `/path`, absolute-form `http://host/path`, authority-form
+/// `host:port` for CONNECT only, asterisk-form `*` for OPTIONS only.
+fn check_target_form(method: &str, target: &str) -> Result<(), u16> {
+    let ok = match target.as_bytes() {
+        [b'/', ..] => true,
+        b"*" => method == "OPTIONS",
+        _ if method == "CONNECT" => !target.contains('/'),
+        _ => match target.split_once("://") {
+            Some((scheme, rest)) => {
+                let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+                scheme
+                    .bytes()
+                    .next()
+                    .is_some_and(|b| b.is_ascii_alphabetic())
+                    && scheme
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+                    && !authority.is_empty()
+                    && (!authority.contains(['[', ']']) || authority.starts_with('['))
+            }
+            None => false,
+        },
+    };
+    if ok { Ok(()) } else { Err(400) }
 }
 
 /// `Content-Length: 42` or the repeated form `42, 42`. All digits but too large is 413.

@@ -69,12 +69,20 @@ pub struct Request<'a> {
 }
 
 impl<'a> Request<'a> {
+    /// The path, without the query; for an absolute-form target (`http://host/p?q`), its path.
     pub fn path(&self) -> &'a str {
-        self.target.split_once('?').map_or(self.target, |(p, _)| p)
+        let target = match self.target.split_once("://") {
+            Some((_, rest)) if !self.target.starts_with('/') => {
+                rest.find('/').map_or("/", |i| &rest[i..])
+            }
+            _ => self.target,
+        };
+        target.split(['?', '#']).next().unwrap_or(target)
     }
 
     pub fn query(&self) -> Option<&'a str> {
-        self.target.split_once('?').map(|(_, q)| q)
+        let (_, q) = self.target.split_once('?')?;
+        Some(q.split('#').next().unwrap_or(q))
     }
 
     /// The value of query parameter `name`, undecoded.
