@@ -274,10 +274,11 @@ fn gunicorn_table() {
             ));
             continue;
         }
-        if whole == Verdict::Ok && case.expect == Verdict::Ok {
-            if let Err(e) = check_messages(case, &out) {
-                mismatches.push(format!("{}: {e}", case.id));
-            }
+        if whole == Verdict::Ok
+            && case.expect == Verdict::Ok
+            && let Err(e) = check_messages(case, &out)
+        {
+            mismatches.push(format!("{}: {e}", case.id));
         }
     }
     assert!(
