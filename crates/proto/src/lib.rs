@@ -71,11 +71,12 @@ pub struct Request<'a> {
 impl<'a> Request<'a> {
     /// The path, without the query; for an absolute-form target (`http://host/p?q`), its path.
     pub fn path(&self) -> &'a str {
-        let target = match self.target.split_once("://") {
-            Some((_, rest)) if !self.target.starts_with('/') => {
-                rest.find('/').map_or("/", |i| &rest[i..])
-            }
-            _ => self.target,
+        let target = if self.target.starts_with('/') {
+            self.target
+        } else if let Some((_, rest)) = self.target.split_once("://") {
+            rest.find('/').map_or("/", |i| &rest[i..])
+        } else {
+            self.target
         };
         target.split(['?', '#']).next().unwrap_or(target)
     }

@@ -398,3 +398,25 @@ fn eof_mid_request_finishes_quietly() {
     let o = run(b"GET / HTTP/1.1\r\nHo", limits(), 0, true);
     assert!(o.output.is_empty() && o.finished);
 }
+
+#[test]
+fn request_path_and_query() {
+    use proto::{Conn, Limits};
+    let mut conn = Conn::new(Limits::default());
+    let input = b"GET http://example.com:8080/a/b?x=1&y=2#frag HTTP/1.1\r\nHost: example.com\r\n\r\nGET /c?us=5 HTTP/1.1\r\nHost: a\r\n\r\nOPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n";
+    let buf = conn.read_buf();
+    buf[..input.len()].copy_from_slice(input);
+    conn.filled(input.len());
+    let r = conn.next_request().unwrap();
+    assert_eq!(
+        (r.path(), r.query(), r.query_param("y")),
+        ("/a/b", Some("x=1&y=2"), Some("2"))
+    );
+    let r = conn.next_request().unwrap();
+    assert_eq!(
+        (r.path(), r.query_param("us"), r.query_param("u")),
+        ("/c", Some("5"), None)
+    );
+    let r = conn.next_request().unwrap();
+    assert_eq!((r.path(), r.query()), ("*", None));
+}
