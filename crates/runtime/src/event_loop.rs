@@ -17,15 +17,17 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown as Direction;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
-use proto::{CommonHeaders, Conn, Limits, ReqId, Request, Response, http_date};
+use proto::{CommonHeaders, Conn, Limits, ReqId, Request, Response};
 use slab::Slab;
 
+use crate::date::ReplyHeaders;
 use crate::stats::WorkerStats;
 use crate::{ServerArgs, Shutdown};
 
@@ -156,10 +158,9 @@ enum Accepting {
     Yes,
     /// At --max-conns: resume when a connection closes.
     Full,
-    /// Out of file descriptors or memory: retry at `until`, backing off.
-    Backoff {
+    /// Out of file descriptors or memory: retry at `until`.
+    Paused {
         until: Instant,
-        delay: Duration,
     },
     /// Shutting down, or no listener.
     No,
@@ -178,13 +179,17 @@ struct State {
     stats: &'static WorkerStats,
     listener: Option<TcpListener>,
     accepting: Accepting,
+    /// The listener sits in the epoll set with EPOLLEXCLUSIVE, level-triggered (see
+    /// `EventLoop::listen_exclusive`), and must leave it while accepting is paused.
+    exclusive: bool,
+    /// The next pause after EMFILE; doubles each time, back to the minimum after an accept.
+    backoff: Duration,
     handle: Arc<LoopHandle>,
     shutdown: Arc<Shutdown>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
     conns: Slab<Connection>,
     generations: u64,
-    common: CommonHeaders,
-    date_secs: u64,
+    headers: ReplyHeaders,
     now: Instant,
     sweep_every: Duration,
     next_sweep: Instant,
@@ -218,19 +223,17 @@ impl EventLoop {
             state: State {
                 registry: poll.registry().try_clone()?,
                 conns: Slab::with_capacity(config.max_conns.min(1024)),
-                common: CommonHeaders {
-                    server: config.server_name,
-                    date: http_date(0),
-                },
+                headers: ReplyHeaders::new(config.server_name),
                 config,
                 stats,
                 listener: None,
                 accepting: Accepting::No,
+                exclusive: false,
+                backoff: ACCEPT_BACKOFF_MIN,
                 handle,
                 shutdown,
                 signals: None,
                 generations: 0,
-                date_secs: 0,
                 now,
                 sweep_every,
                 next_sweep: now + sweep_every,
@@ -249,6 +252,17 @@ impl EventLoop {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         self.state.listener = Some(listener);
         self.state.accepting = Accepting::Yes;
+        Ok(())
+    }
+
+    /// Like [`EventLoop::listen`], for a listening socket shared with other loops, registered
+    /// with EPOLLEXCLUSIVE so that a new connection wakes one of the loops waiting on it, not all
+    /// of them (the thundering herd). mio has no such flag, so the listener is added to mio's
+    /// epoll set directly, level-triggered, as nginx does.
+    pub fn listen_exclusive(&mut self, listener: std::net::TcpListener) -> io::Result<()> {
+        self.state.listener = Some(TcpListener::from_std(listener));
+        self.state.exclusive = true;
+        self.state.set_accepting(Accepting::Yes);
         Ok(())
     }
 
@@ -281,7 +295,13 @@ impl EventLoop {
             s.tick();
             for event in self.events.iter() {
                 match event.token() {
-                    LISTENER => s.accept_all(),
+                    LISTENER => {
+                        let accepted = s.accept_all();
+                        if accepted == 0 && matches!(s.accepting, Accepting::Yes) {
+                            // Woken for a connection that another loop took first.
+                            s.stats.wasted_wakeup();
+                        }
+                    }
                     WAKER => s.open_mailbox(handler),
                     SIGNALS => s.on_signal(),
                     Token(i) => {
@@ -297,10 +317,10 @@ impl EventLoop {
             if s.shutdown.is_requested() && s.draining_since.is_none() {
                 s.start_draining(handler);
             }
-            if let Accepting::Backoff { until, .. } = s.accepting
+            if let Accepting::Paused { until } = s.accepting
                 && s.now >= until
             {
-                s.accepting = Accepting::Yes;
+                s.set_accepting(Accepting::Yes);
                 s.accept_all();
             }
             if s.now >= s.next_sweep {
@@ -319,18 +339,12 @@ impl State {
     /// Reads the clocks once per wake-up; the Date header changes at most once a second.
     fn tick(&mut self) {
         self.now = Instant::now();
-        let secs = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        if secs != self.date_secs {
-            self.date_secs = secs;
-            self.common.date = http_date(secs);
-        }
+        self.headers.refresh();
     }
 
     fn next_deadline(&self) -> Instant {
         let mut next = self.next_sweep;
-        if let Accepting::Backoff { until, .. } = self.accepting {
+        if let Accepting::Paused { until } = self.accepting {
             next = next.min(until);
         }
         if let Some(since) = self.draining_since {
@@ -342,39 +356,82 @@ impl State {
     // ---- accepting -----------------------------------------------------------------------
 
     /// Accepts until the queue is empty (edge-triggered: no new edge comes for connections
-    /// already waiting), unless a limit says wait.
-    fn accept_all(&mut self) {
+    /// already waiting), unless a limit says wait. Returns how many it accepted.
+    fn accept_all(&mut self) -> usize {
+        let mut accepted = 0;
         while matches!(self.accepting, Accepting::Yes) {
             if self.conns.len() >= self.config.max_conns {
                 // They wait in the kernel's accept queue; a close resumes accepting.
-                self.accepting = Accepting::Full;
-                return;
+                self.set_accepting(Accepting::Full);
+                break;
             }
             let Some(listener) = &self.listener else {
-                return;
+                break;
             };
             match listener.accept() {
-                Ok((stream, _)) => self.add(stream),
+                Ok((stream, _)) => {
+                    self.add(stream);
+                    self.backoff = ACCEPT_BACKOFF_MIN;
+                    accepted += 1;
+                }
                 // The queue is empty.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if is_out_of_resources(&e) => {
                     // Retrying at once would spin: the queued connection stays readable.
-                    let delay = match self.accepting {
-                        Accepting::Backoff { delay, .. } => (delay * 2).min(ACCEPT_BACKOFF_MAX),
-                        _ => ACCEPT_BACKOFF_MIN,
-                    };
+                    let delay = self.backoff;
+                    self.backoff = (delay * 2).min(ACCEPT_BACKOFF_MAX);
                     eprintln!(
                         "{}: accept: {e}; pausing accepts for {delay:?}",
                         self.config.server_name
                     );
-                    self.accepting = Accepting::Backoff {
+                    self.set_accepting(Accepting::Paused {
                         until: self.now + delay,
-                        delay,
-                    };
-                    return;
+                    });
+                    break;
                 }
                 // The peer gave up while queued (ECONNABORTED) and the like: try the next one.
                 Err(_) => continue,
+            }
+        }
+        accepted
+    }
+
+    /// Moves between accepting and not. A level-triggered exclusive listener leaves the epoll
+    /// set while paused, or every wait would return at once with it still readable.
+    fn set_accepting(&mut self, next: Accepting) {
+        let was = matches!(self.accepting, Accepting::Yes);
+        let will = matches!(next, Accepting::Yes);
+        self.accepting = next;
+        if self.exclusive
+            && was != will
+            && let Some(listener) = &self.listener
+        {
+            let op = if will {
+                libc::EPOLL_CTL_ADD
+            } else {
+                libc::EPOLL_CTL_DEL
+            };
+            let mut event = libc::epoll_event {
+                events: (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
+                u64: LISTENER.0 as u64,
+            };
+            // SAFETY: both descriptors are open and owned by this loop (the registry's
+            // epoll set and the listener), and `event` is a valid epoll_event. mio decodes
+            // `u64` as the event's token, so the loop sees this as a LISTENER event.
+            let rc = unsafe {
+                libc::epoll_ctl(
+                    self.registry.as_raw_fd(),
+                    op,
+                    listener.as_raw_fd(),
+                    &mut event,
+                )
+            };
+            if rc != 0 {
+                eprintln!(
+                    "{}: epoll_ctl on the listener: {}",
+                    self.config.server_name,
+                    io::Error::last_os_error()
+                );
             }
         }
     }
@@ -402,9 +459,6 @@ impl State {
             linger_until: None,
         });
         self.stats.connection_opened();
-        if let Accepting::Backoff { .. } = self.accepting {
-            self.accepting = Accepting::Yes;
-        }
     }
 
     fn close(&mut self, token: usize) {
@@ -412,7 +466,7 @@ impl State {
         drop(self.conns.remove(token));
         self.stats.connection_closed();
         if matches!(self.accepting, Accepting::Full) {
-            self.accepting = Accepting::Yes;
+            self.set_accepting(Accepting::Yes);
             self.accept_all();
         }
     }
@@ -465,7 +519,7 @@ impl State {
     /// Stop accepting and reading new requests; connections close as their replies go out.
     fn start_draining(&mut self, handler: &mut impl Handler) {
         self.draining_since = Some(self.now);
-        self.accepting = Accepting::No;
+        self.set_accepting(Accepting::No);
         self.listener = None;
         let mut tokens = std::mem::take(&mut self.scratch);
         tokens.extend(self.conns.iter().map(|(t, _)| t));
@@ -505,7 +559,7 @@ impl State {
                 }
             }
             if c.writable {
-                match write_out(c, &self.common) {
+                match write_out(c, self.headers.get()) {
                     Ok(true) => c.last_active = self.now,
                     Ok(false) => {}
                     Err(_) => return self.close(token),

@@ -3,7 +3,9 @@
 //! event loop that every epoll pattern runs. A pattern crate adds only its pattern.
 
 pub mod app;
+pub mod blocking;
 pub mod cli;
+pub mod date;
 pub mod event_loop;
 pub mod listener;
 pub mod shutdown;

@@ -17,6 +17,8 @@ pub struct WorkerStats {
     pub accepted: AtomicU64,
     pub open: AtomicU64,
     pub requests: AtomicU64,
+    /// Wake-ups for a new connection that found none to accept: another worker took it.
+    pub wasted_wakeups: AtomicU64,
     pub extra: [AtomicU64; EXTRA_COUNTERS],
 }
 
@@ -32,6 +34,10 @@ impl WorkerStats {
 
     pub fn request(&self) {
         self.requests.fetch_add(1, Relaxed);
+    }
+
+    pub fn wasted_wakeup(&self) {
+        self.wasted_wakeups.fetch_add(1, Relaxed);
     }
 
     /// Adds to the pattern's counter `i` (named in [`Stats::with_extra`]).
@@ -110,10 +116,10 @@ impl Stats {
             );
             (accepted, open, requests) = (accepted + a, open + o, requests + r);
             let sep = if id == 0 { "" } else { "," };
-            let pid = w.pid.load(Relaxed);
+            let (pid, wasted) = (w.pid.load(Relaxed), w.wasted_wakeups.load(Relaxed));
             let _ = write!(
                 s,
-                "{sep}{{\"id\":{id},\"pid\":{pid},\"accepted\":{a},\"open\":{o},\"requests\":{r}"
+                "{sep}{{\"id\":{id},\"pid\":{pid},\"accepted\":{a},\"open\":{o},\"requests\":{r},\"wasted_wakeups\":{wasted}"
             );
             for (name, v) in self.extra_names.iter().zip(&w.extra) {
                 let _ = write!(s, ",\"{name}\":{}", v.load(Relaxed));
