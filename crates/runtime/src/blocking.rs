@@ -42,6 +42,7 @@ impl BlockingStream for std::net::TcpStream {
 
 /// Serves one connection until it closes, answering each request with `handle` on this thread.
 /// Counts the connection and its requests in `stats`, and tracks it in `open` meanwhile.
+/// (A pattern whose threads each own a stats slot calls `stats.bind_thread()` once per thread.)
 pub fn serve<S: BlockingStream>(
     stream: S,
     config: &LoopConfig,

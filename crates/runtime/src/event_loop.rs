@@ -284,6 +284,7 @@ impl EventLoop {
     /// Serves until shutdown completes: every connection closed, or `--shutdown-timeout` passed.
     pub fn run(mut self, handler: &mut impl Handler) -> io::Result<()> {
         let s = &mut self.state;
+        s.stats.bind_thread();
         s.tick();
         loop {
             let timeout = s.next_deadline().saturating_duration_since(s.now);

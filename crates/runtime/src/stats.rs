@@ -14,15 +14,46 @@ pub const EXTRA_COUNTERS: usize = 4;
 #[derive(Default, Debug)]
 pub struct WorkerStats {
     pub pid: AtomicU32,
+    /// The worker's thread id (0 until [`WorkerStats::bind_thread`]): `/stats` reads its
+    /// context switches from `/proc/PID/task/TID/status`.
+    pub tid: AtomicU32,
     pub accepted: AtomicU64,
     pub open: AtomicU64,
     pub requests: AtomicU64,
-    /// Wake-ups for a new connection that found none to accept: another worker took it.
+    /// Wake-ups for a new connection that found none to accept: another worker took it. A lower
+    /// bound on the herd: epoll re-checks readiness before it reports, so most loops woken for a
+    /// connection already taken sleep again inside the kernel; their context switches show them.
     pub wasted_wakeups: AtomicU64,
     pub extra: [AtomicU64; EXTRA_COUNTERS],
 }
 
 impl WorkerStats {
+    /// Marks the calling thread (and process) as this worker's.
+    pub fn bind_thread(&self) {
+        self.pid.store(std::process::id(), Relaxed);
+        // SAFETY: gettid has no preconditions and cannot fail.
+        self.tid.store(unsafe { libc::gettid() } as u32, Relaxed);
+    }
+
+    /// Voluntary and involuntary context switches of the worker's thread, if it is bound and alive.
+    pub fn context_switches(&self) -> Option<(u64, u64)> {
+        let (pid, tid) = (self.pid.load(Relaxed), self.tid.load(Relaxed));
+        if tid == 0 {
+            return None;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        Some((
+            field("voluntary_ctxt_switches:")?,
+            field("nonvoluntary_ctxt_switches:")?,
+        ))
+    }
+
     pub fn connection_opened(&self) {
         self.accepted.fetch_add(1, Relaxed);
         self.open.fetch_add(1, Relaxed);
@@ -121,6 +152,12 @@ impl Stats {
                 s,
                 "{sep}{{\"id\":{id},\"pid\":{pid},\"accepted\":{a},\"open\":{o},\"requests\":{r},\"wasted_wakeups\":{wasted}"
             );
+            if let Some((voluntary, involuntary)) = w.context_switches() {
+                let _ = write!(
+                    s,
+                    ",\"voluntary_csw\":{voluntary},\"involuntary_csw\":{involuntary}"
+                );
+            }
             for (name, v) in self.extra_names.iter().zip(&w.extra) {
                 let _ = write!(s, ",\"{name}\":{}", v.load(Relaxed));
             }
