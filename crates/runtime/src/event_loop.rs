@@ -28,6 +28,7 @@ use proto::{CommonHeaders, Conn, Limits, ReqId, Request, Response};
 use slab::Slab;
 
 use crate::date::ReplyHeaders;
+use crate::listener::{AcceptBackoff, is_out_of_resources};
 use crate::stats::WorkerStats;
 use crate::{ServerArgs, Shutdown};
 
@@ -37,8 +38,6 @@ const SIGNALS: Token = Token(usize::MAX - 3);
 
 /// How long a closing connection may keep draining what its peer still sends.
 const LINGER: Duration = Duration::from_secs(2);
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Decides what happens to each request. The loop calls it on its own thread.
 pub trait Handler {
@@ -182,8 +181,7 @@ struct State {
     /// The listener sits in the epoll set with EPOLLEXCLUSIVE, level-triggered (see
     /// `EventLoop::listen_exclusive`), and must leave it while accepting is paused.
     exclusive: bool,
-    /// The next pause after EMFILE; doubles each time, back to the minimum after an accept.
-    backoff: Duration,
+    backoff: AcceptBackoff,
     handle: Arc<LoopHandle>,
     shutdown: Arc<Shutdown>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
@@ -229,7 +227,7 @@ impl EventLoop {
                 listener: None,
                 accepting: Accepting::No,
                 exclusive: false,
-                backoff: ACCEPT_BACKOFF_MIN,
+                backoff: AcceptBackoff::default(),
                 handle,
                 shutdown,
                 signals: None,
@@ -372,15 +370,14 @@ impl State {
             match listener.accept() {
                 Ok((stream, _)) => {
                     self.add(stream);
-                    self.backoff = ACCEPT_BACKOFF_MIN;
+                    self.backoff.succeeded();
                     accepted += 1;
                 }
                 // The queue is empty.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if is_out_of_resources(&e) => {
                     // Retrying at once would spin: the queued connection stays readable.
-                    let delay = self.backoff;
-                    self.backoff = (delay * 2).min(ACCEPT_BACKOFF_MAX);
+                    let delay = self.backoff.failed();
                     eprintln!(
                         "{}: accept: {e}; pausing accepts for {delay:?}",
                         self.config.server_name
@@ -686,13 +683,6 @@ fn write_out(c: &mut Connection, common: &CommonHeaders) -> io::Result<bool> {
         }
     }
     Ok(wrote)
-}
-
-fn is_out_of_resources(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

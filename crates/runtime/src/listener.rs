@@ -2,6 +2,7 @@
 
 use std::io;
 use std::net::TcpListener;
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -34,4 +35,42 @@ pub fn bind(args: &ServerArgs, reuse_port: bool) -> io::Result<TcpListener> {
     socket.listen(args.backlog as i32)?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
+}
+
+/// accept(2) failed for want of descriptors or memory. The connection stays queued, so retrying
+/// at once would spin: pause accepting for a while instead (nginx disables accept for 500 ms).
+pub fn is_out_of_resources(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// How long to pause accepting after running out of resources: 10 ms, doubling to 1 s, back to
+/// 10 ms after an accept succeeds.
+#[derive(Debug)]
+pub struct AcceptBackoff {
+    next: Duration,
+}
+
+impl AcceptBackoff {
+    const MIN: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    /// An accept failed with [`is_out_of_resources`]: the pause to take now.
+    pub fn failed(&mut self) -> Duration {
+        let pause = self.next;
+        self.next = (pause * 2).min(Self::MAX);
+        pause
+    }
+
+    pub fn succeeded(&mut self) {
+        self.next = Self::MIN;
+    }
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        AcceptBackoff { next: Self::MIN }
+    }
 }
