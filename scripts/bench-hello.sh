@@ -22,6 +22,8 @@
 #   req/s, requests  from wrk
 #   srv CPU          server CPU time (utime+stime of its whole process tree, /proc/PID/stat)
 #                    over the run, as % of one core; wrk CPU likewise, for wrk itself
+#   other CPU        what all other processes used meanwhile (/proc/stat; % of one core, out
+#                    of 200): this machine is shared, and their load lands on our two cores
 #   CPU us/req       server CPU time / requests; ratio = that / nginx's, from this same run
 #   syscalls/req     from a second, shorter run with `strace -c -f` attached to the server:
 #                    calls / requests wrk completed in that run (strace slows the server a lot;
@@ -119,7 +121,7 @@ stop_server() {
 # utime+stime in clock ticks, summed over a process tree. /proc/PID/stat covers all threads;
 # field 2 (comm) may hold spaces, so split after its closing paren: then utime is word 12.
 cpu_ticks() {
-    local pid stat total=0
+    local pid stat f total=0
     for pid in $(proc_tree "$1"); do
         stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
         read -ra f <<<"${stat##*) }"
@@ -127,6 +129,10 @@ cpu_ticks() {
     done
     echo "$total"
 }
+
+# Ticks all cores spent busy since boot: user nice system irq softirq steal, from /proc/stat.
+# (guest time is already inside user.)
+busy_ticks() { awk 'NR == 1 { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
 
 # CPU seconds (user+sys) of this shell's reaped children, from the `times` builtin. It must run
 # in this shell, not in $(...): a subshell starts with its own, empty children account.
@@ -248,22 +254,24 @@ wrk_warnings() {
     grep -E 'Socket errors|Non-2xx' "$1" | sed "s/^ */  warning ($2): /" >&2 || true
 }
 
-# measure_cpu TARGET PID PORT: the main run; sets CPU_ROW to "rps requests srv% wrk% us/req",
-# or to nothing if the server died.
+# measure_cpu TARGET PID PORT: the main run; sets CPU_ROW to
+# "rps requests srv% wrk% other% us/req", or to nothing if the server died.
 measure_cpu() {
-    local target=$1 pid=$2 port=$3 file="$TMP/$1/wrk.txt" t0 t1 s0 s1 requests
-    s0=$(date +%s.%N); t0=$(cpu_ticks "$pid")
+    local target=$1 pid=$2 port=$3 file="$TMP/$1/wrk.txt" t0 t1 s0 s1 b0 b1 requests
+    s0=$(date +%s.%N); t0=$(cpu_ticks "$pid"); b0=$(busy_ticks)
     run_wrk "$DURATION" "$port" "$file"
-    t1=$(cpu_ticks "$pid"); s1=$(date +%s.%N)
+    t1=$(cpu_ticks "$pid"); s1=$(date +%s.%N); b1=$(busy_ticks)
     CPU_ROW=
     alive "$pid" || return 0
     wrk_warnings "$file" "$target"
     requests=$(wrk_requests "$file")
     ((${requests:-0} > 0)) || die "$target: wrk completed no request"
     CPU_ROW=$(awk -v rps="$(wrk_rps "$file")" -v n="$requests" -v ticks=$((t1 - t0)) -v hz="$HZ" \
-        -v s0="$s0" -v s1="$s1" -v wrk_cpu="$(cat "$file.cpu")" 'BEGIN {
-            cpu = ticks / hz; wall = s1 - s0
-            printf "%.0f %d %.0f%% %.0f%% %.2f\n", rps, n, 100 * cpu / wall, 100 * wrk_cpu / wall, 1e6 * cpu / n
+        -v s0="$s0" -v s1="$s1" -v wrk_cpu="$(cat "$file.cpu")" -v busy=$((b1 - b0)) 'BEGIN {
+            cpu = ticks / hz; wall = s1 - s0; other = busy / hz - cpu - wrk_cpu
+            if (other < 0) other = 0 # tick rounding
+            printf "%.0f %d %.0f%% %.0f%% %.0f%% %.2f\n", rps, n, 100 * cpu / wall, 100 * wrk_cpu / wall,
+                100 * other / wall, 1e6 * cpu / n
         }')
 }
 
@@ -331,7 +339,7 @@ bench() {
         stop_server "$SERVER_PID"
         return
     fi
-    log "  ${DURATION}s run: req/s requests srv-cpu wrk-cpu us/req = $CPU_ROW"
+    log "  ${DURATION}s run: req/s requests srv-cpu wrk-cpu other-cpu us/req = $CPU_ROW"
     measure_syscalls "$target" "$SERVER_PID" "$port"
     if ! alive "$SERVER_PID"; then
         log "  $target died during the strace run"
@@ -369,29 +377,26 @@ drop_missing_binaries() {
     PATTERNS=("${ok[@]}")
 }
 
-# Other load on this shared machine skews everything; measure both cores' busy % over 1 s.
+# Other load on this shared machine skews everything; measure all cores' busy % over 1 s.
 warn_if_busy() {
-    local busy
-    busy=$(
-        { head -1 /proc/stat; sleep 1; head -1 /proc/stat; } | awk '
-            { idle = $5 + $6; total = 0; for (i = 2; i <= NF; i++) total += $i }
-            NR == 1 { i0 = idle; t0 = total }
-            NR == 2 { printf "%.0f", 100 * (1 - (idle - i0) / (total - t0)) }'
-    )
+    local b0 busy
+    b0=$(busy_ticks)
+    sleep 1
+    busy=$((100 * ($(busy_ticks) - b0) / HZ / $(nproc)))
     log "machine busy before the runs: ${busy}% of all cores"
     ((busy < 10)) || log "warning: the machine is busy; numbers will be noisy"
 }
 
 print_table() {
     local nginx_us
-    nginx_us=$(awk '$1 == "nginx" { print $6 }' "$ROWS")
+    nginx_us=$(awk '$1 == "nginx" { print $7 }' "$ROWS")
     echo "wrk -t1 -c$CONNS -d${DURATION}s on core 0, server on core 1 ($(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r)); syscalls from a ${STRACE_DURATION}s run under strace -c -f"
     echo
-    echo "| target | req/s | srv CPU | wrk CPU | CPU us/req | vs nginx | read/req | write/req | epoll_wait/req | syscalls/req |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| target | req/s | srv CPU | wrk CPU | other CPU | CPU us/req | vs nginx | read/req | write/req | epoll_wait/req | syscalls/req |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     awk -v base="${nginx_us:-0}" '{
-        ratio = (base > 0) ? sprintf("%.2fx", $6 / base) : "n/a"
-        printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, $4, $5, $6, ratio, $7, $8, $9, $10
+        ratio = (base > 0) ? sprintf("%.2fx", $7 / base) : "n/a"
+        printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, $4, $5, $6, $7, ratio, $8, $9, $10, $11
     }' "$ROWS"
 }
 
