@@ -40,6 +40,38 @@ pub enum Task {
     Block { ms: u64 },
 }
 
+/// What routing reads from a request. proto's [`Request`], borrowed from its connection's
+/// buffer, answers it; so can a copy of a request made to cross to another thread (the
+/// load-balanced pattern parses on one thread and handles on another).
+pub trait Routable {
+    fn method(&self) -> &str;
+    /// The path, without the query.
+    fn path(&self) -> &str;
+    /// The value of query parameter `name`, undecoded.
+    fn query_param(&self, name: &str) -> Option<&str>;
+    /// The `Content-Type` header's value, if any (`POST /echo` sends it back).
+    fn content_type(&self) -> Option<&[u8]>;
+    fn body(&self) -> &[u8];
+}
+
+impl Routable for Request<'_> {
+    fn method(&self) -> &str {
+        self.method
+    }
+    fn path(&self) -> &str {
+        Request::path(self)
+    }
+    fn query_param(&self, name: &str) -> Option<&str> {
+        Request::query_param(self, name)
+    }
+    fn content_type(&self) -> Option<&[u8]> {
+        self.header("content-type")
+    }
+    fn body(&self) -> &[u8] {
+        self.body
+    }
+}
+
 #[derive(Clone)]
 pub struct App {
     stats: Arc<Stats>,
@@ -55,7 +87,14 @@ impl App {
     }
 
     pub fn route(&self, req: &Request<'_>) -> Route {
-        let get = matches!(req.method, "GET" | "HEAD");
+        self.route_any(req)
+    }
+
+    /// [`App::route`] for any request that can answer what routing asks, such as a copy of a
+    /// request sent to another thread to be handled there.
+    pub fn route_any<R: Routable + ?Sized>(&self, req: &R) -> Route {
+        let method = req.method();
+        let get = matches!(method, "GET" | "HEAD");
         match (req.path(), get) {
             ("/", true) => Route::Ready(Response::text(200, "Hello, World!")),
             ("/work", true) => match number(req, "us", MAX_WORK_US) {
@@ -71,10 +110,10 @@ impl App {
                 "application/json",
                 self.stats.to_json().into_bytes(),
             )),
-            ("/echo", _) if req.method == "POST" => Route::Ready(echo(req)),
+            ("/echo", _) if method == "POST" => Route::Ready(echo(req)),
             ("/" | "/work" | "/block" | "/stats", false) => Route::Ready(not_allowed("GET, HEAD")),
             ("/echo", _) => Route::Ready(not_allowed("POST")),
-            _ if !KNOWN_METHODS.contains(&req.method) => {
+            _ if !KNOWN_METHODS.contains(&method) => {
                 Route::Ready(Response::text(501, "Not Implemented\n"))
             }
             _ => Route::Ready(Response::text(404, "Not Found\n")),
@@ -138,7 +177,7 @@ fn thread_cpu_time() -> Duration {
 }
 
 /// Query parameter `name` as a whole number, capped at `max`.
-fn number(req: &Request<'_>, name: &str, max: u64) -> Result<u64, Response> {
+fn number<R: Routable + ?Sized>(req: &R, name: &str, max: u64) -> Result<u64, Response> {
     match req.query_param(name).map(str::parse::<u64>) {
         Some(Ok(n)) => Ok(n.min(max)),
         _ => {
@@ -151,14 +190,107 @@ fn number(req: &Request<'_>, name: &str, max: u64) -> Result<u64, Response> {
     }
 }
 
-fn echo(req: &Request<'_>) -> Response {
+fn echo<R: Routable + ?Sized>(req: &R) -> Response {
     let content_type = req
-        .header("content-type")
+        .content_type()
         .and_then(|v| std::str::from_utf8(v).ok())
         .map_or_else(|| "application/octet-stream".to_string(), str::to_string);
-    Response::owned(200, content_type, req.body.to_vec())
+    Response::owned(200, content_type, req.body().to_vec())
 }
 
 fn not_allowed(allow: &'static str) -> Response {
     Response::text(405, "Method Not Allowed\n").with_header("Allow", allow)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::{Body, Conn, Limits};
+
+    /// A request copied out of its connection, as a pattern that handles requests on another
+    /// thread would make one.
+    struct Copied {
+        method: String,
+        target: String,
+        content_type: Option<Vec<u8>>,
+        body: Vec<u8>,
+    }
+
+    impl Routable for Copied {
+        fn method(&self) -> &str {
+            &self.method
+        }
+        fn path(&self) -> &str {
+            self.target.split('?').next().unwrap_or_default()
+        }
+        fn query_param(&self, name: &str) -> Option<&str> {
+            let (_, query) = self.target.split_once('?')?;
+            query.split('&').find_map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                (k == name).then_some(v)
+            })
+        }
+        fn content_type(&self) -> Option<&[u8]> {
+            self.content_type.as_deref()
+        }
+        fn body(&self) -> &[u8] {
+            &self.body
+        }
+    }
+
+    /// Status, content type, extra headers, body, or the heavy task.
+    fn summary(route: Route) -> String {
+        match route {
+            Route::Heavy(task) => format!("{task:?}"),
+            Route::Ready(r) => {
+                let body = match &r.body {
+                    Body::Static(b) => b.to_vec(),
+                    Body::Owned(b) => b.clone(),
+                    Body::Stream => b"<stream>".to_vec(),
+                };
+                format!(
+                    "{} {} {:?} {}",
+                    r.status,
+                    r.content_type,
+                    r.headers,
+                    String::from_utf8_lossy(&body)
+                )
+            }
+        }
+    }
+
+    #[test]
+    fn a_copied_request_routes_like_the_parsed_one() {
+        let app = App::new(Arc::new(Stats::new("test", 1)));
+        let cases: [&[u8]; 10] = [
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /work?us=5 HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /work?us=abc HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /block?x=1&ms=99999 HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: a/b\r\nContent-Length: 3\r\n\r\nabc",
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi",
+            b"DELETE / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"FOO /nope HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n",
+        ];
+        for input in cases {
+            let mut conn = Conn::new(Limits::default());
+            conn.read_buf()[..input.len()].copy_from_slice(input);
+            conn.filled(input.len());
+            let req = conn.next_request().expect("a complete request");
+            let copied = Copied {
+                method: req.method.to_string(),
+                target: req.target.to_string(),
+                content_type: req.header("content-type").map(<[u8]>::to_vec),
+                body: req.body.to_vec(),
+            };
+            assert_eq!(
+                summary(app.route(&req)),
+                summary(app.route_any(&copied)),
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
 }

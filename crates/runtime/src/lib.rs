@@ -11,7 +11,7 @@ pub mod listener;
 pub mod shutdown;
 pub mod stats;
 
-pub use app::{App, Route, Task};
+pub use app::{App, Routable, Route, Task};
 pub use cli::ServerArgs;
 pub use event_loop::{EventLoop, Handler, Inline, LoopConfig, LoopHandle, Origin};
 pub use shutdown::Shutdown;
