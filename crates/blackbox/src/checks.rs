@@ -691,21 +691,47 @@ pub fn emfile_no_spin(bin: &str, args: &[&str]) {
 }
 
 /// SIGTERM under load: every response any client got is whole and correct, 4 in-flight
-/// `/block?ms=400` requests get full 200s, and the server exits with 0 within 10 s.
+/// `/block?ms=400` requests and a 6 MiB echo still being written get whole 200s, and the server
+/// exits with 0 within 10 s.
 pub fn sigterm_during_load(bin: &str, args: &[&str]) {
     shutdown_under_load(bin, args, libc::SIGTERM, 8, 4);
 }
 
-/// SIGINT under (lighter) load: the same guarantees as for SIGTERM.
+/// SIGINT under lighter load (2 GET loops, 1 `/block`, the 6 MiB echo): the same guarantees as
+/// for SIGTERM.
 pub fn sigint_during_load(bin: &str, args: &[&str]) {
     shutdown_under_load(bin, args, libc::SIGINT, 2, 1);
 }
 
-/// Runs `loaders` keep-alive GET loops and `blockers` in-flight `/block?ms=400` requests,
-/// sends `signal`, and checks the graceful shutdown.
+/// Runs `loaders` keep-alive GET loops, `blockers` in-flight `/block?ms=400` requests and a
+/// 6 MiB echo whose reader is slow, then sends `signal` and checks the graceful shutdown.
 fn shutdown_under_load(bin: &str, args: &[&str], signal: i32, loaders: usize, blockers: usize) {
     let mut server = Server::start(bin, args);
     let addr = server.addr();
+
+    // A reply still being written when the signal arrives: with a small receive buffer and no
+    // reads until after the signal, most of the 6 MiB wait in the server.
+    let echo_body = pseudo_random_bytes(6 << 20, 0x516);
+    let mut echo = {
+        let c = Client::connect(addr);
+        c.set_recv_buffer(64 * 1024).expect("set SO_RCVBUF");
+        let mut writer = c.stream().try_clone().expect("clone the socket");
+        let request = post_echo(&echo_body);
+        let sender = thread::spawn(move || std::io::Write::write_all(&mut writer, &request));
+        let sending = Instant::now();
+        while !sender.is_finished() && sending.elapsed() < Duration::from_secs(10) {
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            sender.is_finished(),
+            "the server did not read a 6 MiB POST /echo within 10 s"
+        );
+        sender
+            .join()
+            .expect("writer thread")
+            .expect("sending 6 MiB");
+        c
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
     let load: Vec<_> = (0..loaders)
@@ -744,6 +770,12 @@ fn shutdown_under_load(bin: &str, args: &[&str], signal: i32, loaders: usize, bl
             Ok(r) => failures.push(format!("in-flight /block #{i} got a non-200:\n{r:?}")),
             Err(e) => failures.push(format!("in-flight /block #{i} got no whole reply: {e}")),
         }
+    }
+    echo.set_timeout(Duration::from_secs(10));
+    match echo.try_read_response(Expect::Body) {
+        Ok(r) if r.status == 200 && r.body == echo_body => {}
+        Ok(r) => failures.push(format!("the 6 MiB echo came back wrong:\n{r:?}")),
+        Err(e) => failures.push(format!("the 6 MiB echo got no whole reply: {e}")),
     }
     let exit = server.wait_exit(Duration::from_secs(10));
     stop.store(true, Ordering::Relaxed);

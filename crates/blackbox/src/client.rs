@@ -7,6 +7,7 @@
 use std::fmt;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 /// How long one read or write may wait unless a test says otherwise.
@@ -237,6 +238,28 @@ impl Client {
     /// Changes how long each read waits for the server.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
+    }
+
+    /// Shrinks the socket's receive buffer (SO_RCVBUF), so that a large response stays partly
+    /// unsent in the server until the client reads it.
+    pub fn set_recv_buffer(&self, bytes: usize) -> io::Result<()> {
+        let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: the fd is this client's open socket, and the option value points to a live
+        // c_int whose size is passed along with it.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&raw const value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 
     /// The socket, e.g. to clone it for a writer thread.
