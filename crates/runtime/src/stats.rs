@@ -80,6 +80,9 @@ impl WorkerStats {
 #[derive(Debug)]
 pub struct Stats {
     pattern: &'static str,
+    /// The server's process: the one that created the counters. In a prefork server that is the
+    /// master, though any worker process may be the one answering `/stats`.
+    pid: u32,
     started: Instant,
     workers: &'static [WorkerStats],
     extra_names: &'static [&'static str],
@@ -100,6 +103,7 @@ impl Stats {
         }
         Stats {
             pattern,
+            pid,
             started: Instant::now(),
             workers,
             extra_names: &[],
@@ -136,7 +140,7 @@ impl Stats {
             s,
             "{{\"pattern\":\"{}\",\"pid\":{},\"uptime_ms\":{},\"workers\":[",
             self.pattern,
-            std::process::id(),
+            self.pid,
             self.started.elapsed().as_millis()
         );
         for (id, w) in self.workers.iter().enumerate() {
@@ -168,5 +172,26 @@ impl Stats {
             "],\"total\":{{\"accepted\":{accepted},\"open\":{open},\"requests\":{requests}}}}}"
         );
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_names_the_creating_process_and_sums_the_slots() {
+        let stats = Stats::new("test", 2).with_extra(&["spawns"]);
+        stats.worker(0).connection_opened();
+        stats.worker(1).request();
+        stats.worker(1).add_extra(0, 3);
+        let json = stats.to_json();
+        let pid = std::process::id();
+        assert!(json.contains(&format!("\"pid\":{pid},")), "{json}");
+        assert!(json.contains("\"spawns\":3"), "{json}");
+        assert!(
+            json.contains("\"total\":{\"accepted\":1,\"open\":1,\"requests\":1}"),
+            "{json}"
+        );
     }
 }
