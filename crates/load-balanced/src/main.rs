@@ -33,7 +33,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
@@ -90,19 +90,23 @@ fn main() -> io::Result<()> {
     let slots = (1..=workers).map(|i| stats.worker(i)).collect();
     let pool = Arc::new(Pool::new(slots));
     let spin = Duration::from_micros(args.spin_us);
+    // Announce only once every thread runs (memcached waits for its workers the same way).
+    let started = Arc::new(Barrier::new(workers + 2));
     for id in 0..workers {
         let (pool, app, replies) = (pool.clone(), app.clone(), event_loop.handle());
+        let started = started.clone();
         let slot = stats.worker(id + 1);
         let mut busy_ns = 0;
         thread::Builder::new()
             .name(format!("worker-{}", id + 1))
             .spawn(move || {
                 slot.bind_thread();
+                started.wait();
                 pool.work(id, spin, |job: Job| {
-                    let started = Instant::now();
+                    let began = Instant::now();
                     let reply = job.work.run(&app);
                     // Counted before the reply leaves, so a /stats sent after it includes it.
-                    busy_ns += started.elapsed().as_nanos() as u64;
+                    busy_ns += began.elapsed().as_nanos() as u64;
                     slot.add_extra(BUSY_US, busy_ns / 1000);
                     busy_ns %= 1000;
                     slot.add_extra(EXECUTED, 1);
@@ -117,9 +121,14 @@ fn main() -> io::Result<()> {
         inline_cheap: args.inline_cheap,
         stats: stats.worker(0),
     };
+    let dispatch_started = started.clone();
     let dispatch = thread::Builder::new()
         .name("dispatch".into())
-        .spawn(move || event_loop.run(&mut dispatch))?;
+        .spawn(move || {
+            dispatch_started.wait();
+            event_loop.run(&mut dispatch)
+        })?;
+    started.wait();
     runtime::announce(PATTERN, addr, workers);
     // Returning ends the process, parked workers included: the loop returns only once every
     // reply in flight went out (or --shutdown-timeout passed).
