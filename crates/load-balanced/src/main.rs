@@ -6,27 +6,28 @@
 //! with a warm cache. When every worker is busy, requests wait in a FIFO, and a worker that
 //! finishes takes the oldest before it goes idle. The worker runs the handler and hands the reply
 //! back through the loop's completion queue and waker; the dispatch thread writes it, in request
-//! order on each connection. RAMCloud's storage servers work this way (`Dispatch` and
-//! `WorkerManager`), as do other low-latency RPC systems built around a polling dispatch thread.
+//! order on each connection. RAMCloud's servers work this way (its `Dispatch` thread and
+//! `WorkerManager`); Shinjuku's dispatcher hands requests to idle cores the same way.
 //!
 //! ```text
-//!                 ┌───────────────────── dispatch ─────────────────────┐
-//!  clients ──TCP──▶ listen ─accept─▶ epoll ─▶ read ─▶ parse ─▶ request ─┼─┬─▶ most recently idle
-//!                 │                   ▲                                │ │   worker (LIFO stack)
-//!                 │                   └─ write in order ◀─ completions ◀┼┐└─▶ or the FIFO, if all
-//!                 └────────────────────────────────────────────────────┘│     are busy
-//!                      waker (eventfd) ◀── LoopHandle::complete ──┬─────┘
-//!                                                    ┌────────────┴──────────┐
-//!                                                worker-1  ...  worker-N: spin --spin-us, then park
+//!                ┌───────────────────── dispatch ─────────────────────┐
+//!  clients ──TCP─▶ listen ─accept─▶ epoll ─▶ read ─▶ parse ─▶ hand off┼─▶ the most recently idle
+//!                │                  ▲                                 │   worker (a LIFO stack), or
+//!                │                  └─ write in order ◀─ completions ◀┼┐  the FIFO if all are busy
+//!                └────────────────────────────────────────────────────┘│             │
+//!                                                                      │             ▼
+//!                       reply: LoopHandle::complete, then the waker ───┴─── worker-1 … worker-N:
+//!                       (an eventfd) wakes the loop                         run the handler; idle:
+//!                                                                           spin --spin-us, then park
 //! ```
 //!
-//! Trade-offs: a slow request holds one worker, never the connections or the other workers, so
-//! light requests stay fast next to heavy ones; and the busiest worker cannot starve a
-//! connection, since any idle worker serves any connection. The price is a hand-off and a
-//! wake-up per request (two threads touch each request), and one dispatch thread whose I/O caps
-//! throughput. Spinning workers answer the hand-off in well under a microsecond, but burn a core
-//! while they spin: RAMCloud gives each one a core of its own. `--inline-cheap` answers the
-//! cheap requests on the dispatch thread, as RAMCloud answers ping.
+//! Trade-offs: a slow request holds one worker, never a connection's event loop nor the other
+//! workers, so light requests stay fast next to heavy ones, whichever connection they come on
+//! (any idle worker serves any connection). The price is a hand-off per request (two threads
+//! touch each one, and a sleeping worker costs a futex wake), and one dispatch thread whose I/O
+//! caps throughput. A spinning worker takes a hand-off without a system call, but burns a core
+//! while it spins: RAMCloud gives each one a core of its own. `--inline-cheap` answers the cheap
+//! requests on the dispatch thread, as RAMCloud answers ping.
 //!
 //! Run: `cargo run --release -p load-balanced -- --addr 127.0.0.1:8080 [--workers 2] [--spin-us 50] [--inline-cheap]`
 
@@ -195,11 +196,10 @@ impl Work {
 /// A worker's state, the one word the dispatch thread and the worker use to pass work and to
 /// decide who must wake whom (RAMCloud's `Worker::state`).
 ///
-/// | state      | meaning                                               | set by                     |
-/// |------------|-------------------------------------------------------|----------------------------|
-/// | `BUSY`     | has a job, or is between jobs; not on the idle stack   | the dispatcher (hand-off); the initial state |
-/// | `SPINNING` | on the idle stack, polling this word                   | the worker                 |
-/// | `SLEEPING` | on the idle stack, parked                              | the worker                 |
+/// - `BUSY`: running a job, or between jobs; not on the idle stack. Set by the dispatcher as it
+///   hands over a job. Also the initial state: a worker is not idle until its thread says so.
+/// - `SPINNING`: on the idle stack, polling this word. Set by the worker.
+/// - `SLEEPING`: on the idle stack, parked. Set by the worker.
 ///
 /// The legal transitions, and nothing else:
 /// - `BUSY → SPINNING`, by the worker: its job is done and the FIFO is empty. It stores the state
