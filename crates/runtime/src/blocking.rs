@@ -3,16 +3,19 @@
 //! blocking mode all run this, over the same sans-IO [`proto::Conn`] as the event loop.
 //!
 //! Timeouts are read timeouts: the remaining header time while a request is arriving, the idle
-//! time between requests. Shutdown: [`OpenConns::stop_reading`] shuts down the reading side of
-//! every tracked socket, so a thread parked in `read` wakes with EOF, writes what it owes, and
-//! returns.
+//! time between requests; and a write timeout of the idle time, so that a peer that stops
+//! reading its replies is closed (as the event loop closes it) instead of holding a thread
+//! forever. Shutdown: [`OpenConns::stop_reading`] shuts down the reading side of every tracked
+//! socket that waits for a new request, so a thread parked in `read` wakes with EOF, writes what
+//! it owes, and returns; a connection in the middle of receiving a request (a large body, say)
+//! is left to finish it, and stops after its reply.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::Shutdown as Direction;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use proto::{Conn, Request, Response};
@@ -27,12 +30,17 @@ const LINGER: Duration = Duration::from_secs(2);
 /// What the driver needs of a socket: std's `TcpStream`, or a coroutine library's.
 pub trait BlockingStream: Read + Write + AsRawFd {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
     fn shutdown(&self, how: Direction) -> io::Result<()>;
 }
 
 impl BlockingStream for std::net::TcpStream {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         std::net::TcpStream::set_read_timeout(self, timeout)
+    }
+
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        std::net::TcpStream::set_write_timeout(self, timeout)
     }
 
     fn shutdown(&self, how: Direction) -> io::Result<()> {
@@ -53,7 +61,7 @@ pub fn serve<S: BlockingStream>(
     stats.connection_opened();
     let mut stream = stream;
     let tracked = open.track(&stream);
-    drive(&mut stream, config, stats, open, handle);
+    drive(&mut stream, config, stats, &tracked, handle);
     // Untrack before the socket closes, so that shutdown never touches a reused descriptor.
     drop(tracked);
     drop(stream);
@@ -64,13 +72,17 @@ fn drive<S: BlockingStream>(
     stream: &mut S,
     config: &LoopConfig,
     stats: &WorkerStats,
-    open: &OpenConns,
+    tracked: &Tracked<'_>,
     mut handle: impl FnMut(&Request<'_>) -> Response,
 ) {
     let mut http = Conn::new(config.limits);
     let mut headers = ReplyHeaders::new(config.server_name);
     let mut head_started: Option<Instant> = None;
     let mut timeout_set = None;
+    // A write that makes no progress for this long fails, and the connection closes.
+    if stream.set_write_timeout(Some(config.idle_timeout)).is_err() {
+        return;
+    }
     loop {
         while let Some(req) = http.next_request() {
             stats.request();
@@ -94,11 +106,13 @@ fn drive<S: BlockingStream>(
             }
             return;
         }
-        if open.is_stopping() {
+        // Shutdown stops a connection between requests; one inside a request finishes it first.
+        let idle = !http.has_partial_request();
+        if tracked.set_idle(idle) && idle {
             http.stop_reading();
             continue;
         }
-        let timeout = if http.has_partial_request() {
+        let timeout = if !idle {
             let started = *head_started.get_or_insert_with(Instant::now);
             config
                 .header_timeout
@@ -151,7 +165,8 @@ fn linger<S: BlockingStream>(stream: &mut S) {
 /// The sockets being served, so that shutdown can wake the threads blocked reading them.
 #[derive(Default)]
 pub struct OpenConns {
-    fds: Mutex<HashSet<RawFd>>,
+    /// Each socket, and whether it waits for a new request (see [`Tracked::set_idle`]).
+    fds: Mutex<HashMap<RawFd, Arc<AtomicBool>>>,
     stopping: AtomicBool,
 }
 
@@ -159,29 +174,38 @@ impl OpenConns {
     /// Tracks `socket` until the returned guard drops; drop the guard before closing the socket.
     pub fn track(&self, socket: &impl AsRawFd) -> Tracked<'_> {
         let fd = socket.as_raw_fd();
+        let idle = Arc::new(AtomicBool::new(true));
         self.fds
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(fd);
+            .insert(fd, idle.clone());
         if self.is_stopping() {
             // SAFETY: `fd` is the caller's open socket, borrowed for this call.
             unsafe { libc::shutdown(fd, libc::SHUT_RD) };
         }
-        Tracked { open: self, fd }
+        Tracked {
+            open: self,
+            fd,
+            idle,
+        }
     }
 
-    /// Shutdown: every tracked connection stops reading new requests; replies owed still go out.
+    /// Shutdown: every tracked connection stops reading new requests; replies owed still go out,
+    /// and a request partly received is still read and answered.
     pub fn stop_reading(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        for &fd in self.fds.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            // SAFETY: a tracked fd stays open until its guard is dropped, which needs this lock,
-            // so the fd cannot be closed (or reused) while we hold it.
-            unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+        for (&fd, idle) in self.fds.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            // A connection inside a request is not idle: it sees `stopping` once it is.
+            if idle.load(Ordering::SeqCst) {
+                // SAFETY: a tracked fd stays open until its guard is dropped, which needs this
+                // lock, so the fd cannot be closed (or reused) while we hold it.
+                unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+            }
         }
     }
 
     pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::Relaxed)
+        self.stopping.load(Ordering::SeqCst)
     }
 
     pub fn len(&self) -> usize {
@@ -197,6 +221,20 @@ impl OpenConns {
 pub struct Tracked<'a> {
     open: &'a OpenConns,
     fd: RawFd,
+    idle: Arc<AtomicBool>,
+}
+
+impl Tracked<'_> {
+    /// Marks the connection as waiting for a new request (`true`) or inside one (`false`), and
+    /// returns whether shutdown has begun. Both sides store, then load (SeqCst), so either
+    /// [`OpenConns::stop_reading`] sees this connection idle and wakes it, or the connection
+    /// sees the shutdown before it reads again.
+    pub fn set_idle(&self, idle: bool) -> bool {
+        if self.idle.load(Ordering::Relaxed) != idle {
+            self.idle.store(idle, Ordering::SeqCst);
+        }
+        self.open.is_stopping()
+    }
 }
 
 impl Drop for Tracked<'_> {

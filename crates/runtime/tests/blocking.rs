@@ -95,3 +95,52 @@ fn stop_reading_wakes_a_parked_reader_after_its_reply() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(open.is_empty());
 }
+
+#[test]
+fn stop_reading_lets_a_request_being_received_finish() {
+    let (mut c, open, _stats, t) = start(Duration::ZERO);
+    c.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+        .unwrap();
+    // Ample time for the server to read the first half: it is then inside a request.
+    thread::sleep(Duration::from_millis(500));
+    open.stop_reading();
+    // The rest in two parts: the server reads on after the first, still inside the request.
+    c.write_all(b"wor").unwrap();
+    thread::sleep(Duration::from_millis(200));
+    c.write_all(b"ld").unwrap();
+    // The request is finished and answered, then the connection closes.
+    let text = read_all(c);
+    assert!(
+        text.starts_with("HTTP/1.1 200 OK") && text.ends_with("/upload"),
+        "{text}"
+    );
+    t.join().unwrap();
+    assert!(open.is_empty());
+}
+
+#[test]
+fn a_peer_that_stops_reading_is_closed_after_the_idle_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    let args = Args::parse_from(["test", "--idle-timeout", "300ms"]);
+    let config = LoopConfig::new("blocking-test", &args.server);
+    let (done, finished) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let (open, stats) = (OpenConns::default(), Stats::new("blocking-test", 1));
+        serve(server, &config, stats.worker(0), &open, |_| {
+            Response::owned(200, "application/octet-stream", vec![0; 32 << 20])
+        });
+        let _ = done.send(());
+    });
+    // 32 MiB does not fit in the socket buffers of a peer that reads nothing: the reply's
+    // write stalls, and must give up after the idle timeout rather than block forever.
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert!(
+        finished.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "the connection was still being served 10 s after its peer stopped reading"
+    );
+    drop(client);
+}
