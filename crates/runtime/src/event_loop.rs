@@ -522,6 +522,12 @@ impl State {
         let mut tokens = std::mem::take(&mut self.scratch);
         tokens.extend(self.conns.iter().map(|(t, _)| t));
         for &token in &tokens {
+            // A request that reached the socket before now is in flight too, though a loop busy
+            // in a handler may not have had its readiness event yet: serve what has arrived.
+            if let Some(c) = self.conns.get_mut(token) {
+                c.readable = true;
+                self.drive(token, handler);
+            }
             if let Some(c) = self.conns.get_mut(token) {
                 c.http.stop_reading();
                 self.drive(token, handler);
