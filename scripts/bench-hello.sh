@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench-hello.sh: our hello-world servers side by side with nginx, on this 2-core machine.
 #
-# Usage: scripts/bench-hello.sh [--duration 10] [--conns 50] [--strace-duration 3]
+# Usage: scripts/bench-hello.sh [--duration 10] [--conns 50] [--strace-duration 3] [--rounds 1]
 #                               [--no-build] [--keep] [--out FILE] [PATTERN ...]
 #
 #   PATTERN             a crate under crates/ whose binary target/release/PATTERN serves
@@ -9,6 +9,8 @@
 #   --duration N        seconds of the main wrk run per target (default 10)
 #   --conns N           wrk keep-alive connections (default 50)
 #   --strace-duration N seconds of the second run, under strace -c (default 3)
+#   --rounds N          measure every target N times, interleaved (nginx, PATTERN..., nginx,
+#                       ...); each round's ratios are to that round's nginx (default 1)
 #   --no-build          skip `cargo build --release -p PATTERN...`
 #   --out FILE          also write the markdown table to FILE
 #   --keep              keep the temp dir (configs, wrk and strace outputs, server stderr)
@@ -34,6 +36,7 @@ set -euo pipefail
 DURATION=10
 CONNS=50
 STRACE_DURATION=3
+ROUNDS=1
 BUILD=1
 OUT=
 KEEP=0
@@ -43,7 +46,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/bench-hello.XXXXXX")
 HZ=$(getconf CLK_TCK)
 declare -A LIVE=()   # pid -> what it is, for every process we started and have not reaped
-ROWS="$TMP/rows.tsv" # one line per target, formatted into the table at the end
+ROWS="$TMP/rows.tsv" # "round target numbers..." per measurement, made into the table at the end
 
 log() { printf '%s\n' "$*" >&2; }
 die() { log "bench-hello: $*"; exit 1; }
@@ -56,6 +59,7 @@ parse_args() {
             --duration) DURATION=${2:?}; shift ;;
             --conns) CONNS=${2:?}; shift ;;
             --strace-duration) STRACE_DURATION=${2:?}; shift ;;
+            --rounds) ROUNDS=${2:?}; shift ;;
             --no-build) BUILD=0 ;;
             --out) OUT=${2:?}; shift ;;
             --keep) KEEP=1 ;;
@@ -67,7 +71,7 @@ parse_args() {
     done
     ((${#PATTERNS[@]})) || PATTERNS=(single-thread)
     local n
-    for n in "$DURATION" "$CONNS" "$STRACE_DURATION"; do
+    for n in "$DURATION" "$CONNS" "$STRACE_DURATION" "$ROUNDS"; do
         [[ $n =~ ^[1-9][0-9]*$ ]] || die "not a positive integer: $n"
     done
 }
@@ -319,13 +323,13 @@ measure_syscalls() {
         'BEGIN { printf "%.2f %.2f %.2f %.2f\n", r / n, w / n, e / n, t / n }')
 }
 
-# bench TARGET: start, measure, stop; appends a row to $ROWS.
+# bench TARGET ROUND: start, measure, stop; appends a row to $ROWS.
 # (The measuring functions set globals instead of printing: run inside $(...), the processes
 # they start would be invisible to the cleanup trap.)
 bench() {
-    local target=$1 port
+    local target=$1 round=$2 port
     port=$(pick_port)
-    log "== $target on 127.0.0.1:$port (core 1), wrk -t1 -c$CONNS on core 0"
+    log "== $target on 127.0.0.1:$port (core 1), wrk -t1 -c$CONNS on core 0, round $round/$ROUNDS"
     start_server "$target" "$port" || { log "  skipped $target: it did not start"; return; }
     if ! check_hello "$port"; then
         log "  skipped $target: wrong reply"
@@ -347,7 +351,7 @@ bench() {
     fi
     log "  ${STRACE_DURATION}s strace run: read write epoll_wait total per request = $SYS_ROW"
     stop_server "$SERVER_PID"
-    printf '%s %s %s\n' "$target" "$CPU_ROW" "$SYS_ROW" >>"$ROWS"
+    printf '%s %s %s %s\n' "$round" "$target" "$CPU_ROW" "$SYS_ROW" >>"$ROWS"
 }
 
 # ---------------------------------------------------------------- building and reporting
@@ -388,16 +392,19 @@ warn_if_busy() {
 }
 
 print_table() {
-    local nginx_us
-    nginx_us=$(awk '$1 == "nginx" { print $7 }' "$ROWS")
     echo "wrk -t1 -c$CONNS -d${DURATION}s on core 0, server on core 1 ($(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r)); syscalls from a ${STRACE_DURATION}s run under strace -c -f"
     echo
     echo "| target | req/s | srv CPU | wrk CPU | other CPU | CPU us/req | vs nginx | read/req | write/req | epoll_wait/req | syscalls/req |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    awk -v base="${nginx_us:-0}" '{
-        ratio = (base > 0) ? sprintf("%.2fx", $7 / base) : "n/a"
-        printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, $4, $5, $6, $7, ratio, $8, $9, $10, $11
-    }' "$ROWS"
+    # Two passes over $ROWS: first each round's nginx CPU us/req, then the table.
+    awk -v rounds="$ROUNDS" '
+        NR == FNR { if ($2 == "nginx") base[$1] = $8; next }
+        {
+            label = (rounds > 1) ? $2 " #" $1 : $2
+            ratio = (base[$1] > 0) ? sprintf("%.2fx", $8 / base[$1]) : "n/a"
+            printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+                label, $3, $5, $6, $7, $8, ratio, $9, $10, $11, $12
+        }' "$ROWS" "$ROWS"
 }
 
 main() {
@@ -413,8 +420,10 @@ main() {
     drop_missing_binaries
     : >"$ROWS"
     warn_if_busy
-    local target
-    for target in nginx "${PATTERNS[@]}"; do bench "$target"; done
+    local round target
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for target in nginx "${PATTERNS[@]}"; do bench "$target" "$round"; done
+    done
     [[ -s $ROWS ]] || die "nothing was measured"
     echo
     if [[ -n $OUT ]]; then print_table | tee "$OUT"; else print_table; fi
