@@ -96,6 +96,8 @@ const KILL_GRACE: Duration = Duration::from_secs(1);
 
 /// How long a blocking worker waits in accept(2) before looking at its stop flag.
 const ACCEPT_TICK: Duration = Duration::from_millis(100);
+/// How long a stopping blocking worker waits for the request of a connection it accepted late.
+const LATE_REQUEST_WAIT: Duration = Duration::from_secs(1);
 
 /// The signals the master handles.
 const MASTER_SIGNALS: [libc::c_int; 5] = [
@@ -116,6 +118,11 @@ struct Args {
     /// `blocking` (Apache prefork: one connection at a time).
     #[arg(long, value_enum, default_value = "event")]
     mode: Mode,
+
+    /// For the tests of respawning: every worker forked into slot SLOT panics as it starts
+    /// (`SLOT:fatal`: exits with EXIT_FATAL instead).
+    #[arg(long, hide = true, value_name = "SLOT[:fatal]", value_parser = start_failure)]
+    test_fail_start: Option<(usize, StartFailure)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -143,7 +150,7 @@ fn main() -> io::Result<()> {
             mode: args.mode,
             config: LoopConfig::new(PATTERN, &args.server),
             app: App::new(stats.clone()),
-            fail_start: test_start_failure(),
+            fail_start: args.test_fail_start,
             master: Pid::this(),
         },
         stats,
@@ -156,6 +163,7 @@ fn main() -> io::Result<()> {
     for slot in 0..workers {
         master.spawn(slot)?;
     }
+    master.wait_ready();
     runtime::announce(PATTERN, addr, workers);
     std::process::exit(master.supervise())
 }
@@ -218,7 +226,6 @@ impl Master {
     /// The master's whole life after start-up; returns its exit code.
     fn supervise(&mut self) -> i32 {
         loop {
-            self.signals.sleep(self.next_wake());
             self.reap();
             let [term, int, quit, hup] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGHUP]
                 .map(|sig| self.signals.take(sig));
@@ -232,20 +239,37 @@ impl Master {
                 self.begin_restart();
             }
             self.kill_stragglers();
-            if self.stopping {
-                if self.children.is_empty() {
-                    eprintln!("{PATTERN}: every worker has exited; the master exits");
-                    return 0;
+            if self.stopping && self.children.is_empty() {
+                eprintln!("{PATTERN}: every worker has exited; the master exits");
+                return 0;
+            }
+            if !self.stopping {
+                self.respawn_due();
+                self.advance_restart();
+                if self.children.is_empty() && self.slots.iter().all(|s| s.fatal) {
+                    eprintln!("{PATTERN}: no worker can start; the master exits");
+                    return EXIT_FATAL;
                 }
-                continue;
             }
-            self.respawn_due();
-            self.advance_restart();
-            if self.children.is_empty() && self.slots.iter().all(|s| s.fatal) {
-                eprintln!("{PATTERN}: no worker can start; the master exits");
-                return EXIT_FATAL;
-            }
+            self.signals.sleep(self.next_wake());
         }
+    }
+
+    /// Start-up: waits (up to 5 s) until every worker has set up its loop and claimed its
+    /// slot, or died, so that the announce line means the workers are serving.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && !self.children.iter().all(|c| self.is_ready(c.pid)) {
+            self.signals.sleep(Duration::from_millis(5));
+            self.reap();
+        }
+    }
+
+    /// A worker is ready once it has claimed its slot's stats: it calls `bind_thread` when its
+    /// loop is set up.
+    fn is_ready(&self, pid: Pid) -> bool {
+        let child = self.children.iter().find(|c| c.pid == pid);
+        child.is_some_and(|c| self.stats.worker(c.slot).pid.load(Ordering::Relaxed) == pid_u32(pid))
     }
 
     /// Forks a worker into `slot`. The child never returns from here: it serves, then exits.
@@ -490,8 +514,7 @@ impl Master {
         None
     }
 
-    /// One step of a rolling restart. The new worker is ready once it has claimed the slot's
-    /// stats (it calls `bind_thread` when its loop is set up): then the old one is told to
+    /// One step of a rolling restart. Once the new worker is ready, the old one is told to
     /// stop; once the old one has exited, the next slot's turn comes. So the socket always has
     /// a worker accepting, and there are never more than N + 1 workers.
     fn advance_restart(&mut self) {
@@ -505,7 +528,7 @@ impl Master {
                 self.restart = None;
                 return;
             }
-            let ready = self.stats.worker(r.slot).pid.load(Ordering::Relaxed) == pid_u32(r.new);
+            let ready = self.is_ready(r.new);
             if let Some(old) = self.children.iter_mut().find(|c| c.pid == r.old) {
                 if ready && old.stopping.is_none() {
                     tell_to_stop(old);
@@ -634,10 +657,10 @@ fn worker(slot: usize, listener: TcpListener, setup: &WorkerSetup) -> i32 {
     let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
         match setup.fail_start {
             Some((s, StartFailure::Panic)) if s == slot => {
-                panic!("PREFORK_TEST_FAIL_START: worker {slot} panics at start-up")
+                panic!("--test-fail-start: worker {slot} panics at start-up")
             }
             Some((s, StartFailure::Fatal)) if s == slot => {
-                let e = io::Error::other("PREFORK_TEST_FAIL_START asked for a fatal start-up");
+                let e = io::Error::other("--test-fail-start asked for a fatal start-up");
                 return Err(WorkerError::Start(e));
             }
             _ => {}
@@ -687,7 +710,8 @@ fn serve_events(
 /// ACCEPT_TICK (SO_RCVTIMEO), and the loop looks at the stop flag. Parked in read(2) on a
 /// keep-alive connection: a thread waiting for the signal shuts down the reading side of the
 /// connection ([`OpenConns::stop_reading`]), so the read returns, owed replies go out, and the
-/// connection closes.
+/// connection closes. A connection accept(2) hands over during the tick after the stop still
+/// has its first request answered.
 fn serve_blocking(
     listener: TcpListener,
     setup: &WorkerSetup,
@@ -718,6 +742,20 @@ fn serve_blocking(
     let mut backoff = AcceptBackoff::default();
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
+            // Accepted during the tick after the stop: its client is sending a request right
+            // now, which `open` (stopping) would not read. Answer what it sends in the next
+            // second, then close.
+            Ok((stream, _)) if stop.load(Ordering::SeqCst) => {
+                let once = OpenConns::default();
+                let config = LoopConfig {
+                    idle_timeout: LATE_REQUEST_WAIT.min(setup.config.idle_timeout),
+                    ..setup.config.clone()
+                };
+                serve(stream, &config, stats, &once, |req| {
+                    once.stop_reading();
+                    app.handle_inline(req)
+                });
+            }
             Ok((stream, _)) => {
                 backoff.succeeded();
                 serve(stream, &setup.config, stats, &open, |req| {
@@ -796,13 +834,12 @@ enum StartFailure {
     Fatal,
 }
 
-/// For the tests of respawning: `PREFORK_TEST_FAIL_START=SLOT` makes every worker forked into
-/// SLOT panic as it starts; `=SLOT:fatal` makes it exit with EXIT_FATAL instead.
-fn test_start_failure() -> Option<(usize, StartFailure)> {
-    let value = std::env::var("PREFORK_TEST_FAIL_START").ok()?;
+fn start_failure(value: &str) -> Result<(usize, StartFailure), String> {
     let (slot, how) = match value.split_once(':') {
         Some((slot, "fatal")) => (slot, StartFailure::Fatal),
-        _ => (value.as_str(), StartFailure::Panic),
+        Some(_) => return Err("expected SLOT or SLOT:fatal".into()),
+        None => (value, StartFailure::Panic),
     };
-    Some((slot.parse().ok()?, how))
+    let slot = slot.parse().map_err(|_| "expected a slot number".to_string())?;
+    Ok((slot, how))
 }
