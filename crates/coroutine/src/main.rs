@@ -1,0 +1,292 @@
+//! # coroutine: a goroutine per connection, with may
+//!
+//! Every connection gets a stackful coroutine that serves it with plain blocking `read` and
+//! `write` calls: the very driver thread-per-connection runs. Underneath, may runs the
+//! coroutines M:N on `--workers` carrier threads. A read that would block saves the coroutine's
+//! registers, leaves the socket in its worker's epoll set and runs the next coroutine; when the
+//! socket becomes readable the coroutine is queued again and resumes inside its `read` call, as
+//! if it had blocked. Go (goroutines on GOMAXPROCS threads over the netpoller), Java's virtual
+//! threads and may_minihttp serve this way.
+//!
+//! ```text
+//!   main thread: waits for SIGTERM/SIGINT; then shuts the listener and the connections' read
+//!                sides, and waits for the open connections (--shutdown-timeout)
+//!
+//!   clients ──TCP──▶ listen socket ◀── accept ── [acceptor coroutine]: loop { accept; go!(serve) }
+//!                                                        │ go! onto the socket's home worker
+//!   ┌─ may-worker-0 ──────────────────────────┐   ┌─ may-worker-1 ──────────────────────────┐
+//!   │ epoll: sockets with fd % workers == 0   │   │ epoll: sockets with fd % workers == 1   │
+//!   │ run queue: [conn 8] [conn 10] ...  ◀────┼───┼─ an idle worker steals queued coroutines│
+//!   │ runs one coroutine until it would block │   │ ...                                     │
+//!   └─────────────────────────────────────────┘   └─────────────────────────────────────────┘
+//!   each conn coroutine (own 256 KiB stack): loop { read ▸ parse ▸ handler ▸ write }
+//! ```
+//!
+//! Trade-offs: the code of thread-per-connection at close to the cost of an event loop: a
+//! coroutine switch is a few registers, an idle connection costs a stack of memory and no
+//! thread, and workers steal queued coroutines from each other. But the scheduling is
+//! cooperative: a coroutine keeps its carrier thread until it does may I/O. A `/work` request
+//! holds its worker for the whole computation, and **`/block` blocks the carrier thread**:
+//! `std::thread::sleep` (like any blocking call that is not may's: a file read, a database
+//! driver, a mutex held elsewhere) parks the OS thread itself, and every coroutine queued on
+//! that worker waits with it. That is may's known caveat; Go's runtime hands the thread's other
+//! goroutines to a new thread during a blocking syscall, may does not. With `--workers 1`, a
+//! `GET /block?ms=300` delays every other connection by 300 ms (a test shows it).
+//!
+//! Stacks have a fixed size and cannot grow: an overflow runs into a guard page, a segfault.
+//! may's default is 32 KiB; this server gives each coroutine 256 KiB (see [`STACK_SIZE`]).
+//!
+//! `/stats`: one slot per may worker. A connection counts in the slot of its home worker (the
+//! one whose epoll watches its socket: fd % workers, and the one whose run queue its coroutine
+//! joins when the socket is ready). An idle worker may steal it for a while; the counts stay
+//! with the home worker. A slot's context switches are those of its worker thread.
+//!
+//! Run: `cargo run --release -p coroutine -- --addr 127.0.0.1:8080 [--workers 2] [--pin]`
+
+use std::ffi::CString;
+use std::io::{self, Read, Write};
+use std::net::Shutdown as Direction;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use may::coroutine::Builder;
+use may::net::{TcpListener, TcpStream};
+use may::sync::Semphore;
+use runtime::blocking::{BlockingStream, OpenConns, serve};
+use runtime::listener::{AcceptBackoff, is_out_of_resources};
+use runtime::shutdown::STOP_SIGNALS;
+use runtime::{App, LoopConfig, ServerArgs, Stats};
+use signal_hook::iterator::Signals;
+
+const PATTERN: &str = "coroutine";
+
+/// Each coroutine's stack, fixed at creation: it cannot grow, and running past it hits a guard
+/// page, a segfault. The deepest paths here (a 1 MiB echo, a 431 for a 20 KB header, `/stats`,
+/// `/work`) use about 14 KiB in a debug build and 7 KiB in release (measured with may's
+/// footprint mode, an odd stack size). may's default of 32 KiB would leave twice that, for any
+/// handler anyone adds and for a signal frame, which lands on whatever stack is running. 256 KiB
+/// costs address space, not memory: only the pages a coroutine touches are ever backed.
+const STACK_SIZE: usize = 256 * 1024;
+
+#[derive(Parser, Debug)]
+#[command(name = PATTERN, about = "A stackful coroutine per connection on may's M:N worker threads (Go-style).")]
+struct Args {
+    #[command(flatten)]
+    server: ServerArgs,
+
+    /// Pin each may worker thread to its own core (may pins by default; here only if asked).
+    #[arg(long)]
+    pin: bool,
+}
+
+fn main() -> io::Result<()> {
+    let args: Args = runtime::cli::parse();
+    let workers = args.server.workers();
+    // may reads its configuration once, when its scheduler starts on first use.
+    may::config()
+        .set_workers(workers)
+        .set_stack_size(STACK_SIZE / size_of::<usize>()); // in words, not bytes
+    may::config().set_worker_pin(args.pin);
+
+    let stats = Arc::new(Stats::new(PATTERN, workers));
+    let listener = runtime::listener::bind(&args.server, false)?;
+    let addr = listener.local_addr()?;
+    // SAFETY: the descriptor is the open listening socket `bind` just made; ownership passes to
+    // may's listener (which registers it with a worker's epoll), and nothing else closes it.
+    let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
+    name_workers(&stats, workers);
+    // Before the start-up line, so that a signal sent as soon as it appears is not lost.
+    let mut signals = Signals::new(STOP_SIGNALS)?;
+
+    let server = Arc::new(Server {
+        app: App::new(stats.clone()),
+        config: LoopConfig::new(PATTERN, &args.server),
+        stats,
+        listener,
+        open: OpenConns::default(),
+        slots: Semphore::new(args.server.max_conns),
+        live: AtomicUsize::new(0),
+        stopping: AtomicBool::new(false),
+    });
+    let accepting = server.clone();
+    let acceptor = may::go!(Builder::new().name("acceptor".into()), move || {
+        accepting.accept_loop()
+    })?;
+    runtime::announce(PATTERN, addr, workers);
+
+    let _ = signals.forever().next();
+    server.shut_down(acceptor);
+    Ok(())
+}
+
+/// What every connection coroutine shares.
+struct Server {
+    app: App,
+    config: LoopConfig,
+    stats: Arc<Stats>,
+    listener: TcpListener,
+    open: OpenConns,
+    /// `--max-conns` permits: the acceptor takes one per connection, the connection returns it.
+    slots: Semphore,
+    /// Connection coroutines spawned and not finished.
+    live: AtomicUsize,
+    stopping: AtomicBool,
+}
+
+impl Server {
+    /// Go's `for { conn := l.Accept(); go serve(conn) }`. Each `accept` that finds no connection
+    /// parks this coroutine until the listener is readable; its worker runs others meanwhile.
+    fn accept_loop(self: Arc<Self>) {
+        let mut backoff = AcceptBackoff::default();
+        loop {
+            // At --max-conns, new connections wait in the backlog until one closes.
+            self.slots.wait();
+            let stream = loop {
+                match self.listener.accept() {
+                    Ok((stream, _)) => break stream,
+                    // Shutdown shut the listener down, which woke this accept.
+                    Err(_) if self.stopping.load(Ordering::SeqCst) => return,
+                    // EMFILE and the like: the connection stays queued and retrying now would
+                    // spin. The sleep parks this coroutine only, not its worker.
+                    Err(e) if is_out_of_resources(&e) => {
+                        let pause = backoff.failed();
+                        eprintln!("{PATTERN}: accept: {e}; pausing accepts for {pause:?}");
+                        may::coroutine::sleep(pause);
+                    }
+                    // The peer gave up while queued (ECONNABORTED) and the like.
+                    Err(_) => {}
+                }
+            };
+            backoff.succeeded();
+            self.spawn_connection(stream);
+        }
+    }
+
+    /// One coroutine for the connection, queued to the worker whose epoll watches its socket,
+    /// so that it starts where it will be woken.
+    fn spawn_connection(self: &Arc<Self>, stream: TcpStream) {
+        let home = home_worker(stream.as_raw_fd(), self.stats.workers().len());
+        self.live.fetch_add(1, Ordering::SeqCst);
+        let server = self.clone();
+        let spawned = may::go!(Builder::new().id(home), move || {
+            let stats = server.stats.worker(home);
+            serve(
+                MayStream(stream),
+                &server.config,
+                stats,
+                &server.open,
+                |req| server.app.handle_inline(req),
+            );
+            server.slots.post();
+            server.live.fetch_sub(1, Ordering::SeqCst);
+        });
+        if let Err(e) = spawned {
+            eprintln!("{PATTERN}: cannot start a coroutine: {e}");
+            self.slots.post();
+            self.live.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Stop accepting (new connections are refused), let every connection finish the request
+    /// in flight, and return when all are closed or after `--shutdown-timeout`.
+    fn shut_down(&self, acceptor: may::coroutine::JoinHandle<()>) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // A listening socket shut down for reading stops listening and wakes its accept, like
+        // closing it would (Go's Shutdown closes its listeners) but without freeing the
+        // descriptor under the acceptor's feet.
+        let _ = socket2::SockRef::from(self.listener.inner()).shutdown(Direction::Read);
+        self.slots.post(); // in case the acceptor waits at --max-conns
+        let _ = acceptor.join();
+
+        self.open.stop_reading();
+        let deadline = Instant::now() + self.config.shutdown_timeout;
+        while self.live.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                eprintln!(
+                    "{PATTERN}: {} connections still open after the shutdown timeout",
+                    self.live.load(Ordering::SeqCst)
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// may's `TcpStream` for the shared blocking driver (a newtype: neither the trait nor the type
+/// is this crate's). Its `read` and `write` park the coroutine, not the thread, and its
+/// timeouts are may timers that wake the coroutine with `TimedOut`, as the driver expects.
+struct MayStream(TcpStream);
+
+impl Read for MayStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for MayStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl AsRawFd for MayStream {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl BlockingStream for MayStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.0.set_read_timeout(timeout)
+    }
+
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.0.set_write_timeout(timeout)
+    }
+
+    fn shutdown(&self, how: Direction) -> io::Result<()> {
+        self.0.shutdown(how)
+    }
+}
+
+/// may registers a socket with worker `fd % workers`'s epoll, and queues the socket's coroutine
+/// on that worker whenever the socket is ready.
+fn home_worker(fd: RawFd, workers: usize) -> usize {
+    fd as usize % workers
+}
+
+/// may starts its worker threads unnamed. Runs one short coroutine on each worker that names
+/// its thread `may-worker-N` (for `ps -T`) and binds stats slot N to it (for `/stats`).
+fn name_workers(stats: &Arc<Stats>, workers: usize) {
+    // A coroutine queued to worker N could, rarely, be stolen by another idle worker before N
+    // runs it: then two slots name the same thread, and we try again.
+    for _ in 0..5 {
+        let tids: Vec<u32> = (0..workers)
+            .map(|id| {
+                let stats = stats.clone();
+                may::go!(Builder::new().id(id), move || {
+                    stats.worker(id).bind_thread();
+                    if let Ok(name) = CString::new(format!("may-worker-{id}")) {
+                        let _ = nix::sys::prctl::set_name(&name);
+                    }
+                    stats.worker(id).tid.load(Ordering::Relaxed)
+                })
+            })
+            .filter_map(|spawned| spawned.ok()?.join().ok())
+            .collect();
+        let mut distinct = tids.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if distinct.len() == workers {
+            return;
+        }
+    }
+}
