@@ -105,11 +105,8 @@ fn main() -> io::Result<()> {
     runtime::announce(PATTERN, addr, workers);
 
     // The acceptor returns on SIGTERM/SIGINT, after waking every worker to drain.
-    let mut result = join(acceptor);
-    for worker in threads {
-        result = result.and(join(worker));
-    }
-    result
+    join(acceptor)?;
+    threads.into_iter().try_for_each(join)
 }
 
 // ---- the acceptor ------------------------------------------------------------------------
@@ -301,18 +298,24 @@ impl Acceptor {
 
 // ---- helpers -----------------------------------------------------------------------------
 
+/// Runs `work` on a thread named `name`. Its failure is fatal: the other threads would serve on
+/// without it, so the process exits 1.
 fn spawn(
     name: String,
-    f: impl FnOnce() -> io::Result<()> + Send + 'static,
-) -> io::Result<JoinHandle<io::Result<()>>> {
-    thread::Builder::new().name(name).spawn(f)
+    work: impl FnOnce() -> io::Result<()> + Send + 'static,
+) -> io::Result<JoinHandle<()>> {
+    thread::Builder::new().name(name.clone()).spawn(move || {
+        if let Err(e) = work() {
+            eprintln!("{PATTERN}: {name}: {e}");
+            std::process::exit(1);
+        }
+    })
 }
 
-/// Waits for a thread; its error, or a panic, becomes this process's error.
-fn join(thread: JoinHandle<io::Result<()>>) -> io::Result<()> {
-    let name = thread.thread().name().unwrap_or("thread").to_string();
-    match thread.join() {
-        Ok(result) => result.map_err(|e| io::Error::new(e.kind(), format!("{name}: {e}"))),
-        Err(_) => Err(io::Error::other(format!("{name} panicked"))),
-    }
+/// Waits for a thread to finish; a panic there is this process's error.
+fn join(thread: JoinHandle<()>) -> io::Result<()> {
+    let name = thread.thread().name().unwrap_or("a thread").to_string();
+    thread
+        .join()
+        .map_err(|_| io::Error::other(format!("{name} panicked")))
 }

@@ -78,29 +78,36 @@ fn main() -> io::Result<()> {
             event_loop.watch_signals()?;
         }
         let app = App::new(stats.clone());
-        threads.push(
-            thread::Builder::new()
-                .name(format!("worker-{i}"))
-                .spawn(move || event_loop.run(&mut Inline(app)))?,
-        );
+        threads.push(spawn(format!("worker-{i}"), move || {
+            event_loop.run(&mut Inline(app))
+        })?);
     }
     // Only the workers' descriptors are left, so shutting down closes the socket.
     drop(listener);
     runtime::announce(PATTERN, addr, workers);
 
     // Worker 0 hears SIGTERM/SIGINT and wakes the rest; each returns once drained.
-    let mut result = Ok(());
-    for worker in threads {
-        result = result.and(join(worker));
-    }
-    result
+    threads.into_iter().try_for_each(join)
 }
 
-/// Waits for a thread; its error, or a panic, becomes this process's error.
-fn join(thread: JoinHandle<io::Result<()>>) -> io::Result<()> {
-    let name = thread.thread().name().unwrap_or("thread").to_string();
-    match thread.join() {
-        Ok(result) => result.map_err(|e| io::Error::new(e.kind(), format!("{name}: {e}"))),
-        Err(_) => Err(io::Error::other(format!("{name} panicked"))),
-    }
+/// Runs `work` on a thread named `name`. Its failure is fatal: the other threads would serve on
+/// without it, so the process exits 1.
+fn spawn(
+    name: String,
+    work: impl FnOnce() -> io::Result<()> + Send + 'static,
+) -> io::Result<JoinHandle<()>> {
+    thread::Builder::new().name(name.clone()).spawn(move || {
+        if let Err(e) = work() {
+            eprintln!("{PATTERN}: {name}: {e}");
+            std::process::exit(1);
+        }
+    })
+}
+
+/// Waits for a thread to finish; a panic there is this process's error.
+fn join(thread: JoinHandle<()>) -> io::Result<()> {
+    let name = thread.thread().name().unwrap_or("a thread").to_string();
+    thread
+        .join()
+        .map_err(|_| io::Error::other(format!("{name} panicked")))
 }
