@@ -29,10 +29,12 @@
 //! dispatcher thread and no per-connection thread. The price is the machinery: task wake-ups,
 //! shared queues and a timer wheel, and tasks that migrate between threads (so nothing
 //! per-thread can be assumed, and state must be `Send`). Scheduling is cooperative: `/work` and
-//! `/block` run inline on the worker, where they stall that worker and every task queued on
-//! it, including the I/O driver if no other worker is free (with `--workers 1`, everything).
-//! Only a task not yet started can be stolen. `--offload` sends them to tokio's blocking pool
-//! (`spawn_blocking`), where the connection task awaits the reply, so replies stay in order.
+//! `/block` run inline on the worker and stall it. Tasks queued behind them wait until an idle
+//! worker steals them (never the one in its LIFO slot), and if the stalled worker was the one
+//! parked on the I/O driver, socket events wait until another worker wakes up, which tokio
+//! does not promise to do (tokio#4730). With `--workers 1`, everything waits. `--offload` sends
+//! them to tokio's blocking pool (`spawn_blocking`); the connection task awaits the reply
+//! without holding a worker, so replies stay in order.
 //!
 //! Run: `cargo run --release -p work-stealing -- --addr 127.0.0.1:8080 --workers 2 [--offload]`
 
@@ -325,7 +327,8 @@ async fn linger(stream: &mut TcpStream) {
     if stream.shutdown().await.is_err() {
         return;
     }
-    let mut scratch = [0u8; 4096];
+    // On the heap: an array here would be part of every connection task's state.
+    let mut scratch = vec![0u8; 4096];
     let drain = async {
         while let Ok(n) = stream.read(&mut scratch).await
             && n > 0
