@@ -59,7 +59,8 @@ const PATTERN: &str = "work-stealing";
 /// How long a closing connection may keep draining what its peer still sends.
 const LINGER: Duration = Duration::from_secs(2);
 
-/// The extra counter in each worker's `/stats` slot (see [`serve`]).
+/// The extra counter in each worker's `/stats` slot: requests of a connection whose previous
+/// request (or accept) ran on another worker (see [`drive`]).
 const MIGRATED_IN: usize = 0;
 
 #[derive(Parser, Debug)]
