@@ -112,7 +112,9 @@ fn drive<S: BlockingStream>(
             http.stop_reading();
             continue;
         }
-        let timeout = if !idle {
+        // As in the event loop: the header timeout runs from a head's first byte; a body may take
+        // longer, as long as each read makes progress within the idle timeout.
+        let timeout = if !idle && !http.reading_body() {
             let started = *head_started.get_or_insert_with(Instant::now);
             config
                 .header_timeout
