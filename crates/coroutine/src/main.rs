@@ -28,10 +28,12 @@
 //! cooperative: a coroutine keeps its carrier thread until it does may I/O. A `/work` request
 //! holds its worker for the whole computation, and **`/block` blocks the carrier thread**:
 //! `std::thread::sleep` (like any blocking call that is not may's: a file read, a database
-//! driver, a mutex held elsewhere) parks the OS thread itself, and every coroutine queued on
-//! that worker waits with it. That is may's known caveat; Go's runtime hands the thread's other
-//! goroutines to a new thread during a blocking syscall, may does not. With `--workers 1`, a
-//! `GET /block?ms=300` delays every other connection by 300 ms (a test shows it).
+//! driver, a mutex held elsewhere) parks the OS thread itself. That is may's known caveat; Go's
+//! runtime hands a thread's other goroutines to a new thread during a blocking syscall, may
+//! does not. What waits is more than the worker's run queue: only the home worker polls its
+//! epoll, so every socket homed there (fd % workers) goes unserved, and stealing cannot help.
+//! With `--workers 1`, a `GET /block?ms=300` delays every other connection by 300 ms (a test
+//! shows it); with 2 workers, about half of them.
 //!
 //! Stacks have a fixed size and cannot grow: an overflow runs into a guard page, a segfault.
 //! may's default is 32 KiB; this server gives each coroutine 256 KiB (see [`STACK_SIZE`]).
@@ -96,6 +98,8 @@ fn main() -> io::Result<()> {
     let addr = listener.local_addr()?;
     // SAFETY: the descriptor is the open listening socket `bind` just made; ownership passes to
     // may's listener (which registers it with a worker's epoll), and nothing else closes it.
+    // (may offers no fallible conversion: if epoll refused the socket, this would panic, at
+    // start-up.) may's own `bind` would ignore --backlog, --rcvbuf and the rest.
     let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
     name_workers(&stats, workers);
     // Before the start-up line, so that a signal sent as soon as it appears is not lost.
@@ -117,6 +121,10 @@ fn main() -> io::Result<()> {
     })?;
     runtime::announce(PATTERN, addr, workers);
 
+    // The main thread is no may worker: it sleeps here until SIGTERM or SIGINT. signal-hook's
+    // handler only writes to a pipe; it runs on whichever thread the kernel picks, a may worker
+    // too (on the stack of the coroutine running there), whose epoll_wait then returns EINTR
+    // and is simply called again.
     let _ = signals.forever().next();
     server.shut_down(acceptor);
     Ok(())

@@ -35,10 +35,11 @@
 //! until `--idle-timeout` closes them. That is why Apache's event MPM parks idle keep-alive
 //! connections in an epoll set instead.
 //!
-//! `/stats`: one slot per pool thread would be 1024 slots. There are min(--max-threads, 64)
-//! slots; thread `conn-N` counts its connections and requests in slot N mod 64, and `threads`
-//! says how many threads count in each slot. A slot's context switches are those of its first
-//! thread (`conn-0` for slot 0, and so on).
+//! `/stats`: a slot per pool thread would be 1024 slots, mostly empty. There are
+//! min(--max-threads, 16): thread `conn-N` counts its connections and requests in slot N mod 16,
+//! `threads` says how many threads count in a slot, and a slot's context switches are those of
+//! its first thread (`conn-0` for slot 0, and so on). With few connections, each thread has a
+//! slot of its own.
 //!
 //! Run: `cargo run --release -p thread-per-connection -- --addr 127.0.0.1:8080 [--max-threads 1024]`
 
@@ -62,7 +63,7 @@ use signal_hook_mio::v1_0::Signals;
 const PATTERN: &str = "thread-per-connection";
 
 /// At most this many `/stats` slots, however many threads there are.
-const STATS_SLOTS: usize = 64;
+const STATS_SLOTS: usize = 16;
 /// The extra `/stats` counter: threads started that count in the slot.
 const THREADS: usize = 0;
 
@@ -79,14 +80,14 @@ struct Args {
 
     /// Pool threads at most, so connections served at once at most; past it, new connections
     /// wait in the accept queue. --workers threads start at once, the others when needed.
-    #[arg(long, default_value_t = 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
-    max_threads: usize,
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_threads: u32,
 }
 
 fn main() -> io::Result<()> {
     let args: Args = runtime::cli::parse();
     // Each thread holds one connection, so --max-conns bounds the threads too.
-    let max_threads = args.max_threads.min(args.server.max_conns);
+    let max_threads = (args.max_threads as usize).min(args.server.max_conns);
     let slots = max_threads.min(STATS_SLOTS);
     let stats = Arc::new(Stats::new(PATTERN, slots).with_extra(&["threads"]));
 
