@@ -286,13 +286,12 @@ impl Master {
         // SAFETY: the master has a single thread (checked above), so the child is a complete
         // copy of its process, with no lock held by a thread that does not exist there.
         let forked = unsafe { fork() };
-        if let Ok(ForkResult::Child) = forked {
-            let code = self.become_worker(slot);
-            std::process::exit(code);
+        if !matches!(forked, Ok(ForkResult::Child)) {
+            master_signal_set().thread_unblock()?;
         }
-        master_signal_set().thread_unblock()?;
-        let Ok(ForkResult::Parent { child: pid }) = forked else {
-            return Err(io::Error::from(forked.err().unwrap_or(Errno::EAGAIN)));
+        let pid = match forked? {
+            ForkResult::Child => std::process::exit(self.become_worker(slot)),
+            ForkResult::Parent { child } => child,
         };
         self.children.push(Child {
             pid,
@@ -337,8 +336,7 @@ impl Master {
         };
         let child = self.children.swap_remove(i);
         let now = Instant::now();
-        let alone = !self.children.iter().any(|c| c.slot == child.slot);
-        if alone {
+        if !self.children.iter().any(|c| c.slot == child.slot) {
             // No process is left in the slot, so none has a connection open there: a killed
             // worker's connections died with it.
             self.stats
@@ -362,20 +360,18 @@ impl Master {
             return;
         }
         let lived = now - child.forked;
-        let slot = &mut self.slots[child.slot];
         let what = format!(
             "{PATTERN}: worker {} (pid {pid}) {how} after {lived:.1?}",
             child.slot
         );
         if code == Some(EXIT_FATAL) {
-            slot.fatal = true;
+            self.slots[child.slot].fatal = true;
             eprintln!("{what}: exit code {EXIT_FATAL} means it cannot start; not respawning it");
-        } else if self.stopping {
-            eprintln!("{what}");
-        } else if !alone {
-            // Its replacement from a rolling restart already serves the slot.
-            eprintln!("{what}; its replacement serves slot {}", child.slot);
+        } else if let Some(other) = self.serving(child.slot) {
+            // A rolling restart had two workers in the slot; the other one serves on.
+            eprintln!("{what}; pid {other} serves slot {}", child.slot);
         } else {
+            let slot = &mut self.slots[child.slot];
             let delay = if lived >= STABLE_AFTER {
                 slot.backoff = RESPAWN_MIN;
                 Duration::ZERO
@@ -522,8 +518,8 @@ impl Master {
             if !self.children.iter().any(|c| c.pid == r.new) {
                 eprintln!(
                     "{PATTERN}: rolling restart abandoned: worker {}'s replacement (pid {}) \
-                     exited; pid {} keeps serving",
-                    r.slot, r.new, r.old
+                     exited",
+                    r.slot, r.new
                 );
                 self.restart = None;
                 return;
@@ -691,7 +687,7 @@ fn serve_events(
     setup: &WorkerSetup,
     stats: &'static WorkerStats,
 ) -> Result<(), WorkerError> {
-    let start = |e| WorkerError::Start(e);
+    let start = WorkerError::Start;
     let mut event_loop =
         EventLoop::new(setup.config.clone(), stats, Shutdown::new()).map_err(start)?;
     event_loop.listen(listener).map_err(start)?;
@@ -840,6 +836,8 @@ fn start_failure(value: &str) -> Result<(usize, StartFailure), String> {
         Some(_) => return Err("expected SLOT or SLOT:fatal".into()),
         None => (value, StartFailure::Panic),
     };
-    let slot = slot.parse().map_err(|_| "expected a slot number".to_string())?;
+    let slot = slot
+        .parse()
+        .map_err(|_| "expected a slot number".to_string())?;
     Ok((slot, how))
 }

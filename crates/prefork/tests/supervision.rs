@@ -55,11 +55,19 @@ fn stats_show_every_worker_process(mode: &str) {
         let proc = proc_stat(slot.pid).unwrap_or_else(|| panic!("worker {id} is not running"));
         assert_eq!(proc.ppid, master, "worker {id} is not the master's child");
         let comm = std::fs::read_to_string(format!("/proc/{}/comm", slot.pid)).unwrap_or_default();
-        assert_eq!(comm.trim(), format!("worker-{id}"), "worker {id}'s process name");
+        assert_eq!(
+            comm.trim(),
+            format!("worker-{id}"),
+            "worker {id}'s process name"
+        );
         assert_eq!(slot.spawns, 1, "worker {id} was forked once: {text}");
     }
     let threads = std::fs::read_dir(format!("/proc/{master}/task")).map(|d| d.count());
-    assert_eq!(threads.ok(), Some(1), "the master must have a single thread");
+    assert_eq!(
+        threads.ok(),
+        Some(1),
+        "the master must have a single thread"
+    );
 }
 
 // ---- a killed worker ---------------------------------------------------------------------------
@@ -305,7 +313,10 @@ fn worker_failing_at_start_is_not_respawned_in_a_loop() {
     thread::sleep(Duration::from_secs(2));
     let (stats, text) = fetch_stats(server.addr());
     let slots = slots(&stats);
-    assert_eq!(slots[0].spawns, 1, "the healthy worker was never respawned: {text}");
+    assert_eq!(
+        slots[0].spawns, 1,
+        "the healthy worker was never respawned: {text}"
+    );
     assert!(
         (2..=8).contains(&slots[1].spawns),
         "the failing worker should be forked a few times in 2 s (back-off from 100 ms), not \
@@ -485,7 +496,11 @@ fn assert_no_zombies(master: u32) {
 /// The client ports of the TCP connections process `pid` holds to local port `port`.
 fn peer_ports(pid: u32, port: u16) -> HashSet<u16> {
     let mut inodes = HashSet::new();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten() {
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if let Ok(link) = std::fs::read_link(fd.path())
             && let Some(inode) = link
                 .to_str()
@@ -527,7 +542,9 @@ struct Failure {
 
 /// One line per failure.
 fn describe<'a>(failures: impl IntoIterator<Item = &'a Failure>) -> String {
-    let lines = failures.into_iter().map(|f| format!("  port {}: {}", f.port, f.error));
+    let lines = failures
+        .into_iter()
+        .map(|f| format!("  port {}: {}", f.port, f.error));
     lines.collect::<Vec<_>>().join("\n")
 }
 
@@ -562,7 +579,8 @@ impl Load {
                 let (stop, closing) = (load.stop.clone(), load.closing.clone());
                 let (served, retries) = (load.served.clone(), load.retries.clone());
                 let failures = load.failures.clone();
-                let fail = move |port, error| failures.lock().unwrap().push(Failure { port, error });
+                let fail =
+                    move |port, error| failures.lock().unwrap().push(Failure { port, error });
                 thread::Builder::new()
                     .name(format!("load-{i}"))
                     .spawn(move || {
