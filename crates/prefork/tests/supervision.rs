@@ -266,6 +266,35 @@ fn sigterm_under_load_leaves_no_process(mode: &str, workers: usize, clients: usi
     assert_eq!(in_group(master), Vec::<u32>::new(), "processes left behind");
 }
 
+/// A worker that cannot finish within `--shutdown-timeout` (its loop is stuck in an 8 s
+/// `/block`) is SIGKILLed by the master a second after that timeout; the master exits 0.
+#[test]
+fn sigterm_kills_stragglers_after_the_shutdown_timeout() {
+    let mut server = Server::start(BIN, &["--workers", "2", "--shutdown-timeout", "500ms"]);
+    let master = server.pid();
+    let mut stuck = Client::connect(server.addr());
+    stuck.request(GET_HELLO).assert_status(200);
+    stuck.send(get("/block?ms=8000"));
+    thread::sleep(Duration::from_millis(200));
+    server.signal(libc::SIGTERM);
+    match server.wait_exit(Duration::from_secs(6)) {
+        Some(status) if status.code() == Some(0) => {}
+        Some(status) => panic!("after SIGTERM the master {}", describe_exit(status)),
+        None => panic!("the master was still running 6 s after SIGTERM"),
+    }
+    assert!(
+        server.stderr_text().contains("did not stop in"),
+        "{}",
+        server.stderr_text()
+    );
+    stuck.set_timeout(Duration::from_secs(4));
+    match stuck.try_read_response(Expect::Body) {
+        Err(ReadError::Closed) => {}
+        other => panic!("the stuck /block should have been cut off, got {other:?}"),
+    }
+    assert_eq!(in_group(master), Vec::<u32>::new(), "processes left behind");
+}
+
 #[test]
 fn sigquit_kills_workers_at_once() {
     fast_stop(&[libc::SIGQUIT]);
