@@ -788,8 +788,10 @@ fn serve_blocking(
 /// it, so the totals are the server's since start; `open` is reset when the slot's last process
 /// dies (its connections died with it); `spawns` counts the forks.
 fn shared_slots(n: usize) -> io::Result<&'static [WorkerStats]> {
-    let bytes = NonZeroUsize::new(n * size_of::<WorkerStats>())
-        .ok_or_else(|| io::Error::other("no workers"))?;
+    let bytes = n
+        .checked_mul(size_of::<WorkerStats>())
+        .and_then(NonZeroUsize::new);
+    let bytes = bytes.ok_or_else(|| io::Error::other("--workers: no room for that many"))?;
     let prot = nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE;
     // SAFETY: a new anonymous mapping at an address the kernel picks aliases nothing.
     let base = unsafe {
