@@ -84,6 +84,8 @@ pub struct Conn {
     /// Bytes of a partial head already looked at: a head can only end at a newline, so it is
     /// parsed again only when new bytes bring one (no quadratic work for a trickled head).
     head_scanned: usize,
+    /// Shutdown asked for no further requests: the one partly received is still finished.
+    stopping: bool,
 }
 
 impl Conn {
@@ -104,6 +106,7 @@ impl Conn {
             eof: false,
             failed: false,
             head_scanned: 0,
+            stopping: false,
         }
     }
 
@@ -185,13 +188,14 @@ impl Conn {
         };
         self.start += consumed;
         self.continue_sent = false;
-        if !head.keep_alive {
+        let keep_alive = head.keep_alive && !self.stopping;
+        if !keep_alive {
             self.reading = Reading::Stopped;
         }
         let method = slice_str(&self.input[base..], head.method);
         let meta = ReplyMeta {
             head_only: method == "HEAD",
-            keep_alive: head.keep_alive,
+            keep_alive,
             http10: head.version == Version::Http10,
         };
         self.slots.push_back(Slot {
@@ -471,9 +475,17 @@ impl Conn {
         matches!(self.reading, Reading::Body(..))
     }
 
-    /// Read no further requests (shutdown): what is owed is still written, then finished.
+    /// Read no further requests (shutdown). A request partly received is still read and
+    /// answered; the last reply says `Connection: close`; then the connection is finished.
     pub fn stop_reading(&mut self) {
+        self.stopping = true;
+        if self.has_partial_request() {
+            return;
+        }
         self.reading = Reading::Stopped;
+        if let Some(last) = self.slots.back_mut() {
+            last.meta.keep_alive = false;
+        }
     }
 
     /// Requests are being handled or replies are being written.

@@ -420,3 +420,50 @@ fn request_path_and_query() {
     let r = conn.next_request().unwrap();
     assert_eq!((r.path(), r.query()), ("*", None));
 }
+
+/// Shutdown stops a connection between requests, never inside one: a body still arriving is
+/// read and answered, with `Connection: close`, and then the connection is finished.
+#[test]
+fn stop_reading_finishes_the_request_in_progress() {
+    use proto::{Conn, Limits, Response};
+    let feed = |conn: &mut Conn, bytes: &[u8]| {
+        conn.read_buf()[..bytes.len()].copy_from_slice(bytes);
+        conn.filled(bytes.len());
+    };
+    let common = common::common();
+
+    // Mid-body: finished, then closed.
+    let mut conn = Conn::new(Limits::default());
+    feed(
+        &mut conn,
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello",
+    );
+    assert!(conn.next_request().is_none());
+    conn.stop_reading();
+    assert!(conn.wants_read(), "the rest of the body must still be read");
+    feed(&mut conn, b"world");
+    let req = conn
+        .next_request()
+        .expect("the request in progress completes");
+    assert_eq!(req.body, b"helloworld");
+    let id = req.id;
+    conn.respond(id, Response::text(200, "ok"));
+    let out = String::from_utf8_lossy(conn.output(&common)).into_owned();
+    assert!(out.contains("Connection: close\r\n"), "{out}");
+    let n = out.len();
+    conn.written(n);
+    assert!(conn.is_finished() && !conn.wants_read());
+
+    // Between requests, with a reply still owed: no more reading; the owed reply closes.
+    let mut conn = Conn::new(Limits::default());
+    feed(&mut conn, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    let id = conn.next_request().unwrap().id;
+    conn.stop_reading();
+    assert!(!conn.wants_read() && !conn.is_finished());
+    conn.respond(id, Response::text(200, "ok"));
+    let out = String::from_utf8_lossy(conn.output(&common)).into_owned();
+    assert!(out.contains("Connection: close\r\n"), "{out}");
+    let n = out.len();
+    conn.written(n);
+    assert!(conn.is_finished());
+}

@@ -57,6 +57,37 @@ fn request_that_arrived_during_a_handler_is_served_after_shutdown() {
     server.join().unwrap();
 }
 
+/// A body half-sent when shutdown begins is still read to its end and answered (with
+/// `Connection: close`); the loop then exits.
+#[test]
+fn request_half_received_at_shutdown_is_finished() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stats = Arc::new(Stats::new("drain-test", 1));
+    let shutdown = Shutdown::new();
+    let config = LoopConfig::new("drain-test", &Args::parse_from(["test"]).server);
+    let mut event_loop = EventLoop::new(config, stats.worker(0), shutdown.clone()).unwrap();
+    event_loop.listen(listener).unwrap();
+    let app = App::new(stats.clone());
+    let server = thread::spawn(move || event_loop.run(&mut Inline(app)).unwrap());
+
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+        .unwrap();
+    thread::sleep(Duration::from_millis(100));
+    shutdown.trigger();
+    thread::sleep(Duration::from_millis(100));
+    c.write_all(b"world").unwrap();
+    let reply = read_reply(&mut c);
+    assert!(
+        reply.ends_with("helloworld") && reply.contains("Connection: close\r\n"),
+        "{reply:?}"
+    );
+    server.join().unwrap();
+}
+
 /// Reads one reply (this test's replies are small and framed by Content-Length).
 fn read_reply(c: &mut TcpStream) -> String {
     let mut reply = Vec::new();
