@@ -505,6 +505,11 @@ impl Conn {
         self.eof
     }
 
+    /// Requests read on this connection so far (handed out by [`Conn::next_request`]).
+    pub fn requests_read(&self) -> u64 {
+        self.first_id + self.slots.len() as u64
+    }
+
     /// Replies owed: requests handed out and not yet fully written.
     pub fn owed(&self) -> usize {
         self.slots.len()

@@ -38,6 +38,8 @@ const SIGNALS: Token = Token(usize::MAX - 3);
 
 /// How long a closing connection may keep draining what its peer still sends.
 const LINGER: Duration = Duration::from_secs(2);
+/// At shutdown, how long a connection that has sent nothing yet may take to send its request.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// Decides what happens to each request. The loop calls it on its own thread.
 pub trait Handler {
@@ -516,22 +518,22 @@ impl State {
 
     /// Stop accepting and reading new requests; connections close as their replies go out.
     fn start_draining(&mut self, handler: &mut impl Handler) {
-        self.draining_since = Some(self.now);
         self.set_accepting(Accepting::No);
         self.listener = None;
         let mut tokens = std::mem::take(&mut self.scratch);
         tokens.extend(self.conns.iter().map(|(t, _)| t));
+        // A request that reached the socket before now is in flight too, though a loop busy in
+        // a handler may not have had its readiness event yet: serve what has arrived.
         for &token in &tokens {
-            // A request that reached the socket before now is in flight too, though a loop busy
-            // in a handler may not have had its readiness event yet: serve what has arrived.
             if let Some(c) = self.conns.get_mut(token) {
                 c.readable = true;
                 self.drive(token, handler);
             }
-            if let Some(c) = self.conns.get_mut(token) {
-                c.http.stop_reading();
-                self.drive(token, handler);
-            }
+        }
+        // From now on each connection reads nothing after its current request (see `drive`).
+        self.draining_since = Some(self.now);
+        for &token in &tokens {
+            self.drive(token, handler);
         }
         tokens.clear();
         self.scratch = tokens;
@@ -561,6 +563,12 @@ impl State {
                 if let Some(reply) = handler.handle(&req, origin) {
                     c.http.respond(id, reply);
                 }
+            }
+            // Draining: no request after the current one. A connection accepted just before
+            // the shutdown that has not sent its first request yet still gets it answered
+            // (within DRAIN_GRACE): the kernel accepted it on our behalf.
+            if self.draining_since.is_some() && c.http.requests_read() > 0 {
+                c.http.stop_reading();
             }
             if c.writable {
                 match write_out(c, self.headers.get()) {
@@ -635,7 +643,7 @@ impl State {
     /// Closes connections past their deadline; a request cut off by the header timeout gets 408.
     fn sweep(&mut self, handler: &mut impl Handler) {
         self.next_sweep = self.now + self.sweep_every;
-        let (now, cfg) = (self.now, &self.config);
+        let (now, cfg, draining_since) = (self.now, &self.config, self.draining_since);
         let mut expired = std::mem::take(&mut self.scratch);
         for (token, c) in self.conns.iter_mut() {
             let late = if let Some(until) = c.linger_until {
@@ -647,6 +655,10 @@ impl State {
             } else if c.http.owed() > 0 && c.http.unsent() == 0 {
                 // The handler is still working: no deadline of ours applies.
                 false
+            } else if let Some(since) = draining_since
+                && c.http.requests_read() == 0
+            {
+                now - since >= DRAIN_GRACE
             } else {
                 // Idle between requests, or a peer that stopped reading our output.
                 now - c.last_active >= cfg.idle_timeout

@@ -88,6 +88,45 @@ fn request_half_received_at_shutdown_is_finished() {
     server.join().unwrap();
 }
 
+/// A connection accepted just before shutdown, whose first request comes after it began, is
+/// answered (with `Connection: close`); one that never sends is closed after a short grace.
+#[test]
+fn fresh_connection_gets_its_first_request_answered() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stats = Arc::new(Stats::new("drain-test", 1));
+    let shutdown = Shutdown::new();
+    let config = LoopConfig::new("drain-test", &Args::parse_from(["test"]).server);
+    let mut event_loop = EventLoop::new(config, stats.worker(0), shutdown.clone()).unwrap();
+    event_loop.listen(listener).unwrap();
+    let app = App::new(stats.clone());
+    let server = thread::spawn(move || event_loop.run(&mut Inline(app)).unwrap());
+
+    let mut late = TcpStream::connect(addr).unwrap();
+    let mut silent = TcpStream::connect(addr).unwrap();
+    for c in [&mut late, &mut silent] {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    thread::sleep(Duration::from_millis(100));
+    shutdown.trigger();
+    thread::sleep(Duration::from_millis(200));
+    late.write_all(HELLO).unwrap();
+    let reply = read_reply(&mut late);
+    assert!(
+        reply.ends_with("Hello, World!") && reply.contains("Connection: close\r\n"),
+        "{reply:?}"
+    );
+    let started = std::time::Instant::now();
+    assert_eq!(
+        silent.read(&mut [0u8; 16]).unwrap_or(0),
+        0,
+        "the silent connection is closed"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    server.join().unwrap();
+}
+
 /// Reads one reply (this test's replies are small and framed by Content-Length).
 fn read_reply(c: &mut TcpStream) -> String {
     let mut reply = Vec::new();
