@@ -367,6 +367,7 @@ impl<'a> Table<'a> {
             chart
                 .configure_mesh()
                 .disable_y_mesh()
+                .light_line_style(TRANSPARENT)
                 .y_labels(n)
                 .x_labels(5)
                 .y_label_formatter(&|v| match v {

@@ -1,0 +1,590 @@
+#!/usr/bin/env bash
+# compare.sh: every pattern under the same workloads, with loadgen; tables and charts.
+#
+# Usage: scripts/compare.sh [options] [PATTERN ...]
+#
+#   PATTERN                a server crate under crates/ (default: every crate that builds a
+#                          binary, except loadgen); each runs with --workers N on 127.0.0.1:0
+#   --quick                short runs: 0.5 s warm-up + 2 s measured, 1000 idle connections
+#                          (about 2.5 minutes for 9 patterns, once built)
+#   --duration SECS        seconds measured per run (default 10; 2 with --quick)
+#   --warmup SECS          seconds of warm-up per run, not counted (default 2; 0.5 with --quick)
+#   --workers N            the servers' --workers (default: the number of cores)
+#   --workloads LIST       comma-separated, from: hello,pipelined,churn,mix,idle (default: all)
+#   --connections N        connections of the hello, pipelined and mix runs (default 50)
+#   --mix-rate R           requests/s of the open-loop mix run (default 2000)
+#   --idle N               idle connections of the idle run (default 5000; 1000 with --quick)
+#   --loadgen-threads N    loadgen -t (default 1)
+#   --server-cpus LIST     pin each server with taskset -c LIST (e.g. 1)
+#   --loadgen-cpus LIST    pin loadgen with taskset -c LIST (e.g. 0)
+#   --server-cpu-max Q/P   cap each server at Q µs of CPU per P µs (e.g. 50000/100000: half a
+#                          core) in a cgroup made for it: cgroup v2 cpu.max, or v1
+#                          cpu.cfs_quota_us where the v2 cpu controller is not available
+#   --with-nginx           add nginx (worker_processes = --workers) as a reference; it answers
+#                          "Hello, World!" to every path, so it sits out the mix
+#   --vs-wrk ROUNDS        instead of the above: loadgen against wrk, both -t1 -c50 pinned to
+#                          core 0 against one nginx worker pinned to core 1, alternating
+#                          ROUNDS times; prints and saves a table (needs nginx and wrk)
+#   --profile P            cargo profile of the binaries: release (default) or dev
+#   --no-build             use the binaries already built
+#   --out DIR              where results go (default: results/YYYYMMDD-HHMMSS)
+#
+# Workloads (loadgen flags; every run adds --warmup, --duration and --json):
+#   hello      -c 50                        keep-alive GET /, closed loop
+#   pipelined  -c 50 --pipeline 16          16 requests in flight per connection
+#   churn      -c 20 --close client         a new connection per request
+#   mix        -c 50 --rate 2000 -r 99:GET / -r '1:GET /work?us=5000'
+#                                           open loop: how 1% of 5 ms requests delay the rest
+#   idle       -c 10 --idle 5000            keep-alive hello next to 5000 idle connections
+#
+# Writes DIR/runs/PATTERN--WORKLOAD.json (the pattern, the workload, the server's CPU seconds
+# over the run: utime+stime of its whole process tree from /proc, and loadgen's JSON),
+# DIR/setup.md, then `loadgen report DIR`: DIR/summary.md and SVG charts. Each server is
+# started fresh for each workload and stopped with SIGTERM after it. Everything it starts is
+# stopped on exit, including on failure or Ctrl-C.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HZ=$(getconf CLK_TCK)
+ALL_WORKLOADS=(hello pipelined churn mix idle)
+
+QUICK=0
+DURATION=
+WARMUP=
+WORKERS=$(nproc)
+WORKLOADS=("${ALL_WORKLOADS[@]}")
+CONNS=50
+MIX_RATE=2000
+IDLE=
+LG_THREADS=1
+SERVER_CPUS=
+LOADGEN_CPUS=
+CPU_MAX=
+WITH_NGINX=0
+VS_WRK=0
+PROFILE=release
+BUILD=1
+OUT=
+PATTERNS=()
+
+declare -A LIVE=()   # pid -> what it is, for every process we started and have not reaped
+CGROUP=              # the cgroup directory we made, if any
+CGROUP_KIND=         # v2 or v1
+TMP=
+
+log() { printf '%s\n' "$*" >&2; }
+die() { log "compare: $*"; exit 1; }
+
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
+
+number() { [[ $2 =~ ^[0-9]+([.][0-9]+)?$ ]] || die "$1: not a number: $2"; }
+whole() { [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1: not a positive whole number: $2"; }
+
+parse_args() {
+    while (($#)); do
+        case $1 in
+            --quick) QUICK=1 ;;
+            --duration) DURATION=${2:?--duration needs a value}; number "$1" "$2"; shift ;;
+            --warmup) WARMUP=${2:?--warmup needs a value}; number "$1" "$2"; shift ;;
+            --workers) WORKERS=${2:?--workers needs a value}; whole "$1" "$2"; shift ;;
+            --workloads)
+                IFS=, read -ra WORKLOADS <<<"${2:?--workloads needs a value}"
+                local w
+                for w in "${WORKLOADS[@]}"; do
+                    [[ " ${ALL_WORKLOADS[*]} " == *" $w "* ]] || die "--workloads: unknown workload $w (known: ${ALL_WORKLOADS[*]})"
+                done
+                shift
+                ;;
+            --connections) CONNS=${2:?}; whole "$1" "$2"; shift ;;
+            --mix-rate) MIX_RATE=${2:?}; whole "$1" "$2"; shift ;;
+            --idle) IDLE=${2:?}; whole "$1" "$2"; shift ;;
+            --loadgen-threads) LG_THREADS=${2:?}; whole "$1" "$2"; shift ;;
+            --server-cpus) SERVER_CPUS=${2:?}; shift ;;
+            --loadgen-cpus) LOADGEN_CPUS=${2:?}; shift ;;
+            --server-cpu-max)
+                CPU_MAX=${2:?}
+                [[ $CPU_MAX =~ ^[1-9][0-9]*/[1-9][0-9]*$ ]] || die "--server-cpu-max: expected QUOTA/PERIOD in µs, e.g. 50000/100000"
+                shift
+                ;;
+            --with-nginx) WITH_NGINX=1 ;;
+            --vs-wrk) VS_WRK=${2:?}; whole "$1" "$2"; shift ;;
+            --profile)
+                PROFILE=${2:?}
+                [[ $PROFILE == release || $PROFILE == dev ]] || die "--profile: release or dev"
+                shift
+                ;;
+            --no-build) BUILD=0 ;;
+            --out) OUT=${2:?}; shift ;;
+            -h | --help) usage; exit 0 ;;
+            -*) die "unknown option $1 (see --help)" ;;
+            *) PATTERNS+=("$1") ;;
+        esac
+        shift
+    done
+    if ((QUICK)); then
+        : "${DURATION:=2}" "${WARMUP:=0.5}" "${IDLE:=1000}"
+    else
+        : "${DURATION:=10}" "${WARMUP:=2}" "${IDLE:=5000}"
+    fi
+    ((${#PATTERNS[@]})) || mapfile -t PATTERNS < <(all_patterns)
+    ((${#PATTERNS[@]} || VS_WRK)) || die "no pattern crates found under crates/"
+    local p
+    for p in "${PATTERNS[@]}"; do
+        [[ -d $ROOT/crates/$p ]] || die "no crate crates/$p"
+    done
+    [[ -n $OUT ]] || OUT=$ROOT/results/$(date +%Y%m%d-%H%M%S)
+}
+
+# Crates that build a binary (src/main.rs, src/bin/ or a [[bin]] table), except loadgen.
+all_patterns() {
+    local dir name
+    for dir in "$ROOT"/crates/*/; do
+        name=$(basename "$dir")
+        [[ $name == loadgen ]] && continue
+        if [[ -f $dir/src/main.rs || -d $dir/src/bin ]] || grep -q '^\[\[bin\]\]' "$dir/Cargo.toml" 2>/dev/null; then
+            echo "$name"
+        fi
+    done
+}
+
+# ---------------------------------------------------------------- process bookkeeping
+
+cleanup() {
+    set +e # stop everything even if one step fails
+    local pid
+    for pid in "${!LIVE[@]}"; do [[ ${LIVE[$pid]} == client ]] && alive "$pid" && kill -TERM "$pid"; done
+    for pid in "${!LIVE[@]}"; do [[ ${LIVE[$pid]} == server ]] && stop_server "$pid"; done
+    for pid in "${!LIVE[@]}"; do reap "$pid" 3; done
+    remove_cgroup
+    [[ -n $TMP ]] && rm -rf "$TMP"
+}
+
+# alive PID: PID is still a running child of this script (not a recycled number).
+alive() {
+    local stat f
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    read -ra f <<<"${stat##*) }" # comm (field 2) may hold spaces: split after its ')'
+    [[ ${f[0]} != Z && ${f[1]} == "$$" ]]
+}
+
+# reap PID SECONDS: wait for our child PID to exit, SIGKILL it (and its tree) after SECONDS.
+reap() {
+    local pid=$1 tries=$(($2 * 10))
+    while alive "$pid" && ((tries-- > 0)); do sleep 0.1; done
+    # shellcheck disable=SC2046 # one pid per word
+    if alive "$pid"; then kill -KILL $(proc_tree "$pid") 2>/dev/null || true; fi
+    wait "$pid" 2>/dev/null || true
+    unset "LIVE[$pid]"
+}
+
+# PID and all its descendants (a prefork server is a process tree).
+proc_tree() {
+    local child
+    echo "$1"
+    for child in $(pgrep -P "$1" || true); do proc_tree "$child"; done
+}
+
+stop_server() {
+    local pid=$1
+    # SIGTERM to the top only: a supervisor stops its own workers.
+    if alive "$pid"; then kill -TERM "$pid" 2>/dev/null || true; fi
+    reap "$pid" 5
+}
+
+# utime+stime in clock ticks, summed over a process tree (field 2, comm, may hold spaces:
+# split after its closing paren; then utime is word 12). Exited children that were reaped
+# count too (cutime+cstime, words 14 and 15).
+cpu_ticks() {
+    local pid stat f total=0
+    for pid in $(proc_tree "$1"); do
+        stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+        read -ra f <<<"${stat##*) }"
+        total=$((total + f[11] + f[12] + f[13] + f[14]))
+    done
+    echo "$total"
+}
+
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+
+# ---------------------------------------------------------------- cgroup cap
+
+# make_cgroup: a cgroup capped at CPU_MAX; sets CGROUP, or leaves it empty with a message.
+make_cgroup() {
+    local quota=${CPU_MAX%/*} period=${CPU_MAX#*/} dir
+    if [[ -f /sys/fs/cgroup/cgroup.controllers ]] && grep -qw cpu /sys/fs/cgroup/cgroup.controllers; then
+        dir=/sys/fs/cgroup/compare-$$
+        if { grep -qw cpu /sys/fs/cgroup/cgroup.subtree_control || echo +cpu >/sys/fs/cgroup/cgroup.subtree_control; } 2>/dev/null &&
+            mkdir "$dir" 2>/dev/null; then
+            if echo "$quota $period" >"$dir/cpu.max" 2>/dev/null; then
+                CGROUP=$dir CGROUP_KIND=v2
+                return
+            fi
+            rmdir "$dir" 2>/dev/null || true
+        fi
+    elif [[ -d /sys/fs/cgroup/cpu && -f /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]]; then
+        # cgroup v1 (a hybrid host whose v2 hierarchy has no cpu controller).
+        dir=/sys/fs/cgroup/cpu/compare-$$
+        if mkdir "$dir" 2>/dev/null; then
+            if echo "$period" >"$dir/cpu.cfs_period_us" 2>/dev/null &&
+                echo "$quota" >"$dir/cpu.cfs_quota_us" 2>/dev/null; then
+                CGROUP=$dir CGROUP_KIND=v1
+                return
+            fi
+            rmdir "$dir" 2>/dev/null || true
+        fi
+    fi
+    log "warning: --server-cpu-max $CPU_MAX skipped: no writable cgroup with a cpu controller"
+    log "         (needs root and cgroup v2 with cpu in /sys/fs/cgroup/cgroup.controllers, or v1's /sys/fs/cgroup/cpu)"
+}
+
+remove_cgroup() {
+    [[ -n $CGROUP && -d $CGROUP ]] || return 0
+    local tries=30
+    # A cgroup can go only once its last process has exited.
+    until rmdir "$CGROUP" 2>/dev/null; do
+        ((tries-- > 0)) || { log "warning: could not remove $CGROUP"; return 0; }
+        sleep 0.1
+    done
+}
+
+# ---------------------------------------------------------------- servers
+
+BIN_DIR=
+bin_dir() {
+    local target=${CARGO_TARGET_DIR:-$ROOT/target}
+    if [[ $PROFILE == dev ]]; then echo "$target/debug"; else echo "$target/release"; fi
+}
+
+# Build loadgen and all patterns in one cargo call; if that fails, keep the patterns that build.
+build() {
+    local p ok=() args=(-p loadgen) flags=()
+    [[ $PROFILE == release ]] && flags=(--release)
+    for p in "${PATTERNS[@]}"; do args+=(-p "$p"); done
+    log "== cargo build ${flags[*]} ${args[*]}"
+    if (cd "$ROOT" && "${CARGO:-cargo}" build "${flags[@]}" "${args[@]}") >&2; then return; fi
+    (cd "$ROOT" && "${CARGO:-cargo}" build "${flags[@]}" -p loadgen) >&2 || die "loadgen does not build"
+    for p in "${PATTERNS[@]}"; do
+        if (cd "$ROOT" && "${CARGO:-cargo}" build "${flags[@]}" -p "$p") >"$TMP/build-$p.log" 2>&1; then
+            ok+=("$p")
+        else
+            log "skipping $p: cargo build -p $p failed (last lines below)"
+            tail -n 5 "$TMP/build-$p.log" | sed 's/^/    /' >&2
+        fi
+    done
+    PATTERNS=("${ok[@]}")
+}
+
+# A prefix that runs a command pinned and/or inside the cgroup. The child shell joins the
+# cgroup and then execs, so the server and every thread and process it makes start inside.
+launcher() {
+    LAUNCH=()
+    if [[ -n $CGROUP ]]; then
+        # shellcheck disable=SC2016 # expanded by the child shell
+        LAUNCH=(bash -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$CGROUP")
+    fi
+    if [[ -n $SERVER_CPUS ]]; then LAUNCH+=(taskset -c "$SERVER_CPUS"); fi
+}
+
+# start_server TARGET DIR: starts it, waits for its address; sets SERVER_PID and SERVER_ADDR.
+start_server() {
+    local target=$1 dir=$2 tries=100 line
+    mkdir -p "$dir"
+    launcher
+    if [[ $target == nginx ]]; then
+        local port
+        port=$(free_port)
+        write_nginx_conf "$port" "$dir"
+        "${LAUNCH[@]}" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" 2>"$dir/stderr" >/dev/null &
+        SERVER_ADDR=127.0.0.1:$port
+    else
+        "${LAUNCH[@]}" "$BIN_DIR/$target" --addr 127.0.0.1:0 --workers "$WORKERS" --shutdown-timeout 2s \
+            2>"$dir/stderr" >/dev/null &
+        SERVER_ADDR=
+    fi
+    # bash -c and taskset exec, so $! is the server itself.
+    SERVER_PID=$!
+    LIVE[$SERVER_PID]=server
+    while ((tries--)); do
+        alive "$SERVER_PID" || break
+        if [[ $target == nginx ]]; then
+            (exec 3<>"/dev/tcp/${SERVER_ADDR%:*}/${SERVER_ADDR#*:}") 2>/dev/null && return 0
+        else
+            # "<pattern> listening on http://ADDR (workers: N, pid: P)"
+            line=$(grep -m1 -o 'listening on http://[^ ]*' "$dir/stderr" 2>/dev/null || true)
+            if [[ -n $line ]]; then
+                SERVER_ADDR=${line#listening on http://}
+                return 0
+            fi
+        fi
+        sleep 0.1
+    done
+    log "  $target did not start; its stderr:"
+    sed 's/^/    /' "$dir/stderr" "$dir/error.log" >&2 2>/dev/null || true
+    stop_server "$SERVER_PID"
+    return 1
+}
+
+# A port nothing listens on, below the ephemeral range (only nginx needs one chosen for it).
+free_port() {
+    local port tries=100
+    while ((tries--)); do
+        port=$((20000 + RANDOM % 12000))
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return; }
+    done
+    die "no free port found"
+}
+
+write_nginx_conf() {
+    local port=$1 dir=$2 master=on
+    ((WORKERS == 1)) && master=off # one process: its /proc/PID/stat is the worker's
+    mkdir -p "$dir/tmp"
+    cat >"$dir/nginx.conf" <<EOF
+worker_processes $WORKERS;
+worker_rlimit_nofile 20000;
+daemon off;
+master_process $master;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 16000; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 65s;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    server {
+        listen 127.0.0.1:$port;
+        location / {
+            default_type text/plain;
+            return 200 "Hello, World!";
+        }
+    }
+}
+EOF
+}
+
+# ---------------------------------------------------------------- runs
+
+# The loadgen flags of a workload.
+workload_args() {
+    case $1 in
+        hello) echo "-c $CONNS" ;;
+        pipelined) echo "-c $CONNS --pipeline 16" ;;
+        churn) echo "-c 20 --close client" ;;
+        mix) echo "-c $CONNS --rate $MIX_RATE" ;; # plus the two -r flags, see run_loadgen
+        idle) echo "-c 10 --idle $IDLE" ;;
+    esac
+}
+
+# run_loadgen WORKLOAD ADDR FILE: the measured run; loadgen's JSON lands in FILE.
+run_loadgen() {
+    local workload=$1 addr=$2 file=$3 pid rc=0 pin=() args
+    read -ra args <<<"$(workload_args "$workload")"
+    [[ $workload == mix ]] && args+=(-r '99:GET /' -r '1:GET /work?us=5000')
+    [[ -n $LOADGEN_CPUS ]] && pin=(taskset -c "$LOADGEN_CPUS")
+    "${pin[@]}" "$BIN_DIR/loadgen" -t "$LG_THREADS" "${args[@]}" --warmup "${WARMUP}s" \
+        --duration "${DURATION}s" --timeout 2s --json "http://$addr/" >"$file" 2>"$file.err" &
+    pid=$!
+    LIVE[$pid]=client
+    wait "$pid" || rc=$?
+    unset "LIVE[$pid]"
+    if ((rc != 0)); then
+        log "  loadgen failed ($rc): $(cat "$file.err")"
+        return 1
+    fi
+}
+
+# json_field FILE KEY: a top-level number from loadgen's one-line JSON.
+json_field() { grep -o "\"$2\":[0-9.e+-]*" "$1" | head -n1 | cut -d: -f2; }
+
+# bench TARGET WORKLOAD: one fresh server, one loadgen run, one runs/*.json file.
+bench() {
+    local target=$1 workload=$2 dir="$TMP/$1-$2" raw t0 t1 load0 cpu_s pid
+    if ! start_server "$target" "$dir"; then
+        log "  skipped $target/$workload: the server did not start"
+        return
+    fi
+    pid=$SERVER_PID
+    raw="$dir/loadgen.json"
+    load0=$(loadavg)
+    t0=$(cpu_ticks "$pid")
+    if ! run_loadgen "$workload" "$SERVER_ADDR" "$raw"; then
+        stop_server "$pid"
+        return
+    fi
+    t1=$(cpu_ticks "$pid")
+    if ! alive "$pid"; then
+        log "  $target died during $workload; its stderr:"
+        sed 's/^/    /' "$dir/stderr" >&2
+        reap "$pid" 0
+        return
+    fi
+    stop_server "$pid"
+    cpu_s=$(awk -v t=$((t1 - t0)) -v hz="$HZ" 'BEGIN { printf "%.3f", t / hz }')
+    printf '{"pattern":"%s","workload":"%s","server_cpu_s":%s,"loadavg":"%s","loadgen":%s}\n' \
+        "$target" "$workload" "$cpu_s" "$load0" "$(cat "$raw")" >"$OUT/runs/$target--$workload.json"
+    local rps p99 errors all
+    rps=$(json_field "$raw" requests_per_s)
+    all=$(json_field "$raw" all_responses)
+    errors=$(grep -o '"errors":{[^}]*}' "$raw" | grep -o ':[0-9]*' | tr -d : | awk '{ s += $1 } END { print s + 0 }')
+    p99=$(grep -o '"latency_us":{[^}]*' "$raw" | grep -o '"p99":[0-9.]*' | cut -d: -f2)
+    awk -v w="$workload" -v rps="$rps" -v p99="$p99" -v cpu="$cpu_s" -v all="$all" -v e="$errors" 'BEGIN {
+        us = (all > 0) ? sprintf("%.2f", cpu * 1e6 / all) : "n/a"
+        printf "  %-10s %10.0f req/s   p99 %8.2f ms   server %6s us/req   errors %d\n", w, rps, p99 / 1000, us, e
+    }' >&2
+}
+
+compare_main() {
+    BIN_DIR=$(bin_dir)
+    if ((BUILD)); then build; fi
+    [[ -x $BIN_DIR/loadgen ]] || die "no $BIN_DIR/loadgen (build it, or drop --no-build)"
+    local p ok=()
+    for p in "${PATTERNS[@]}"; do
+        if [[ -x $BIN_DIR/$p ]]; then ok+=("$p"); else log "skipping $p: no $BIN_DIR/$p"; fi
+    done
+    PATTERNS=("${ok[@]}")
+    local targets=("${PATTERNS[@]}")
+    if ((WITH_NGINX)); then
+        if command -v nginx >/dev/null; then targets=(nginx "${targets[@]}"); else log "skipping nginx: not installed (apt-get install -y nginx)"; fi
+    fi
+    ((${#targets[@]})) || die "nothing to measure"
+    [[ -n $CPU_MAX ]] && make_cgroup
+
+    mkdir -p "$OUT/runs"
+    write_setup "${targets[@]}"
+    log "== ${#targets[@]} targets x ${#WORKLOADS[@]} workloads, ${WARMUP}s warm-up + ${DURATION}s each; results in $OUT"
+    local target workload
+    for target in "${targets[@]}"; do
+        log "== $target (load average $(loadavg))"
+        for workload in "${WORKLOADS[@]}"; do
+            if [[ $target == nginx && $workload == mix ]]; then continue; fi
+            bench "$target" "$workload"
+        done
+    done
+    printf '\nLoad average after the runs: %s\n' "$(loadavg)" >>"$OUT/setup.md"
+    ls "$OUT"/runs/*.json >/dev/null 2>&1 || die "nothing was measured"
+    log "== $BIN_DIR/loadgen report $OUT"
+    "$BIN_DIR/loadgen" report "$OUT" >/dev/null
+    echo
+    sed -n '/^## Requests per second/,/^## Every run/{/^## Every run/d;p}' "$OUT/summary.md"
+    echo "Full table and charts: $OUT/summary.md"
+}
+
+write_setup() {
+    local cpu kernel commit pin cap
+    cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+    kernel=$(uname -r)
+    commit=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
+    pin="server ${SERVER_CPUS:-unpinned}, loadgen ${LOADGEN_CPUS:-unpinned}"
+    cap=${CPU_MAX:+$CPU_MAX µs per period ($CGROUP_KIND cgroup)}
+    [[ -n $CPU_MAX && -z $CGROUP ]] && cap="requested $CPU_MAX, but no writable cgroup: uncapped"
+    cat >"$OUT/setup.md" <<EOF
+# Pattern comparison, $(date -u '+%Y-%m-%d %H:%M UTC')
+
+- Machine: $(nproc) cores ($cpu), Linux $kernel; shared with other work, so compare within
+  this run only. Load average at the start: $(loadavg).
+- Commit $commit, \`--profile $PROFILE\`; servers with \`--workers $WORKERS\`; CPUs: $pin;
+  CPU cap: ${cap:-none}.
+- Each run: a fresh server, ${WARMUP}s of warm-up, then ${DURATION}s measured, loadgen -t $LG_THREADS.
+- Targets: $*.
+
+| workload | loadgen flags |
+|---|---|
+EOF
+    local w
+    for w in "${WORKLOADS[@]}"; do
+        local extra=
+        [[ $w == mix ]] && extra=" -r '99:GET /' -r '1:GET /work?us=5000'"
+        # shellcheck disable=SC2016 # literal backquotes
+        printf '| %s | `%s%s` |\n' "$w" "$(workload_args "$w")" "$extra" >>"$OUT/setup.md"
+    done
+    echo >>"$OUT/setup.md"
+}
+
+# ---------------------------------------------------------------- loadgen against wrk
+
+# One nginx worker on core 1; wrk and loadgen take turns on core 0, same flags, same nginx.
+vs_wrk_main() {
+    local tool
+    for tool in nginx wrk taskset; do
+        command -v "$tool" >/dev/null || die "$tool not found (apt-get install -y nginx wrk)"
+    done
+    BIN_DIR=$(bin_dir)
+    if ((BUILD)); then
+        local flags=()
+        [[ $PROFILE == release ]] && flags=(--release)
+        (cd "$ROOT" && "${CARGO:-cargo}" build "${flags[@]}" -p loadgen) >&2
+    fi
+    local dir="$TMP/nginx" round secs=${DURATION} table="$TMP/vs-wrk.tsv"
+    WORKERS=1 SERVER_CPUS=1 CGROUP=
+    start_server nginx "$dir" || die "nginx did not start"
+    log "== nginx (1 worker) on core 1 at $SERVER_ADDR; wrk and loadgen -t1 -c50 on core 0, ${secs}s each, $VS_WRK rounds"
+    : >"$table"
+    for ((round = 1; round <= VS_WRK; round++)); do
+        vs_wrk_run wrk "$round" "$secs" "$table"
+        vs_wrk_run loadgen "$round" "$secs" "$table"
+    done
+    stop_server "$SERVER_PID"
+    mkdir -p "$OUT"
+    {
+        echo "nginx 1 worker pinned to core 1; each generator -t1 -c50 -d${secs}s pinned to core 0, alternating ($(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r))"
+        echo
+        echo "| round | generator | req/s | generator CPU | generator µs/req | load average before |"
+        echo "|---:|---|---:|---:|---:|---|"
+        awk -F'\t' '{ printf "| %s | %s | %s | %s%% | %s | %s |\n", $1, $2, $3, $4, $5, $6 }' "$table"
+        echo
+        awk -F'\t' '{ n[$2]++; r[$2] += $3; u[$2] += $5 }
+            END { printf "Mean: wrk %.0f req/s, %.2f µs/req; loadgen %.0f req/s, %.2f µs/req; loadgen/wrk rate %.3f\n",
+                  r["wrk"] / n["wrk"], u["wrk"] / n["wrk"], r["loadgen"] / n["loadgen"], u["loadgen"] / n["loadgen"],
+                  (r["loadgen"] / n["loadgen"]) / (r["wrk"] / n["wrk"]) }' "$table"
+    } | tee "$OUT/vs-wrk.md"
+}
+
+# CPU seconds (user+sys) of this shell's reaped children, from the `times` builtin. It must run
+# in this shell, not in $(...): a subshell starts with its own, empty children account.
+children_cpu_to() {
+    times >"$1"
+    awk 'NR == 2 { t = 0; for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] } print t }' "$1" >"$1.s"
+}
+
+# vs_wrk_run TOOL ROUND SECS TABLE: one pinned run; appends "round tool rps cpu% us/req load".
+vs_wrk_run() {
+    local tool=$1 round=$2 secs=$3 table=$4 out="$TMP/$1-$2.out" pid load cpu rps n
+    load=$(loadavg)
+    children_cpu_to "$out.t0"
+    if [[ $tool == wrk ]]; then
+        taskset -c 0 wrk -t1 -c50 -d"${secs}s" "http://$SERVER_ADDR/" >"$out" 2>&1 &
+    else
+        taskset -c 0 "$BIN_DIR/loadgen" -t1 -c50 -d"${secs}s" --json "http://$SERVER_ADDR/" >"$out" 2>&1 &
+    fi
+    pid=$!
+    LIVE[$pid]=client
+    wait "$pid" || die "$tool failed: $(cat "$out")"
+    unset "LIVE[$pid]"
+    children_cpu_to "$out.t1"
+    cpu=$(awk '{ print $1 - t0 }' t0="$(cat "$out.t0.s")" "$out.t1.s")
+    if [[ $tool == wrk ]]; then
+        rps=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
+        n=$(awk '/ requests in / { print $1 }' "$out")
+    else
+        rps=$(json_field "$out" requests_per_s)
+        n=$(json_field "$out" requests)
+    fi
+    awk -v r="$round" -v t="$tool" -v rps="$rps" -v n="$n" -v cpu="$cpu" -v s="$secs" -v l="$load" \
+        'BEGIN { printf "%s\t%s\t%.0f\t%.0f\t%.2f\t%s\n", r, t, rps, 100 * cpu / s, 1e6 * cpu / n, l }' >>"$table"
+    tail -n1 "$table" | awk -F'\t' '{ printf "  round %s %-8s %8s req/s  CPU %s%%  %s us/req  (load %s)\n", $1, $2, $3, $4, $5, $6 }' >&2
+}
+
+main() {
+    parse_args "$@"
+    trap cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    TMP=$(mktemp -d "${TMPDIR:-/tmp}/compare.XXXXXX")
+    if ((VS_WRK)); then vs_wrk_main; else compare_main; fi
+}
+
+main "$@"
