@@ -25,6 +25,8 @@
 #   --vs-wrk ROUNDS        instead of the above: loadgen against wrk, both -t1 -c50 pinned to
 #                          core 0 against one nginx worker pinned to core 1, alternating
 #                          ROUNDS times; prints and saves a table (needs nginx and wrk)
+#   --gen-cpu-max Q/P      with --vs-wrk: cap each generator alike (a cgroup, as above), so
+#                          that the generators, not nginx, limit the rate
 #   --profile P            cargo profile of the binaries: release (default) or dev
 #   --no-build             use the binaries already built
 #   --out DIR              where results go (default: results/YYYYMMDD-HHMMSS)
@@ -60,6 +62,7 @@ LG_THREADS=1
 SERVER_CPUS=
 LOADGEN_CPUS=
 CPU_MAX=
+GEN_CPU_MAX=
 WITH_NGINX=0
 VS_WRK=0
 PROFILE=release
@@ -104,6 +107,11 @@ parse_args() {
             --server-cpu-max)
                 CPU_MAX=${2:?}
                 [[ $CPU_MAX =~ ^[1-9][0-9]*/[1-9][0-9]*$ ]] || die "--server-cpu-max: expected QUOTA/PERIOD in µs, e.g. 50000/100000"
+                shift
+                ;;
+            --gen-cpu-max)
+                GEN_CPU_MAX=${2:?}
+                [[ $GEN_CPU_MAX =~ ^[1-9][0-9]*/[1-9][0-9]*$ ]] || die "--gen-cpu-max: expected QUOTA/PERIOD in µs, e.g. 25000/100000"
                 shift
                 ;;
             --with-nginx) WITH_NGINX=1 ;;
@@ -208,9 +216,10 @@ loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 
 # ---------------------------------------------------------------- cgroup cap
 
-# make_cgroup: a cgroup capped at CPU_MAX; sets CGROUP, or leaves it empty with a message.
+# make_cgroup Q/P: a cgroup capped at Q µs of CPU per P µs; sets CGROUP, or leaves it empty
+# with a message.
 make_cgroup() {
-    local quota=${CPU_MAX%/*} period=${CPU_MAX#*/} dir
+    local quota=${1%/*} period=${1#*/} dir
     if [[ -f /sys/fs/cgroup/cgroup.controllers ]] && grep -qw cpu /sys/fs/cgroup/cgroup.controllers; then
         dir=/sys/fs/cgroup/compare-$$
         if { grep -qw cpu /sys/fs/cgroup/cgroup.subtree_control || echo +cpu >/sys/fs/cgroup/cgroup.subtree_control; } 2>/dev/null &&
@@ -233,7 +242,7 @@ make_cgroup() {
             rmdir "$dir" 2>/dev/null || true
         fi
     fi
-    log "warning: --server-cpu-max $CPU_MAX skipped: no writable cgroup with a cpu controller"
+    log "warning: CPU cap $1 skipped: no writable cgroup with a cpu controller"
     log "         (needs root and cgroup v2 with cpu in /sys/fs/cgroup/cgroup.controllers, or v1's /sys/fs/cgroup/cpu)"
 }
 
@@ -274,22 +283,23 @@ build() {
     PATTERNS=("${ok[@]}")
 }
 
-# A prefix that runs a command pinned and/or inside the cgroup. The child shell joins the
-# cgroup and then execs, so the server and every thread and process it makes start inside.
+# launcher [CPUS]: a prefix (in LAUNCH) that runs a command pinned to CPUS and inside the
+# cgroup, if any. The child shell joins the cgroup and then execs, so the command and every
+# thread and process it makes start inside.
 launcher() {
     LAUNCH=()
     if [[ -n $CGROUP ]]; then
         # shellcheck disable=SC2016 # expanded by the child shell
         LAUNCH=(bash -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$CGROUP")
     fi
-    if [[ -n $SERVER_CPUS ]]; then LAUNCH+=(taskset -c "$SERVER_CPUS"); fi
+    if [[ -n ${1:-} ]]; then LAUNCH+=(taskset -c "$1"); fi
 }
 
 # start_server TARGET DIR: starts it, waits for its address; sets SERVER_PID and SERVER_ADDR.
 start_server() {
     local target=$1 dir=$2 tries=100 line
     mkdir -p "$dir"
-    launcher
+    launcher "$SERVER_CPUS"
     if [[ $target == nginx ]]; then
         local port
         port=$(free_port)
@@ -451,7 +461,7 @@ compare_main() {
         if command -v nginx >/dev/null; then targets=(nginx "${targets[@]}"); else log "skipping nginx: not installed (apt-get install -y nginx)"; fi
     fi
     ((${#targets[@]})) || die "nothing to measure"
-    [[ -n $CPU_MAX ]] && make_cgroup
+    [[ -n $CPU_MAX ]] && make_cgroup "$CPU_MAX"
 
     mkdir -p "$OUT/runs"
     write_setup "${targets[@]}"
@@ -521,7 +531,13 @@ vs_wrk_main() {
     local dir="$TMP/nginx" round secs=${DURATION} table="$TMP/vs-wrk.tsv"
     WORKERS=1 SERVER_CPUS=1 CGROUP=
     start_server nginx "$dir" || die "nginx did not start"
-    log "== nginx (1 worker) on core 1 at $SERVER_ADDR; wrk and loadgen -t1 -c50 on core 0, ${secs}s each, $VS_WRK rounds"
+    local cap="uncapped"
+    if [[ -n $GEN_CPU_MAX ]]; then
+        # After nginx started: only the generators go into this cgroup.
+        make_cgroup "$GEN_CPU_MAX"
+        [[ -n $CGROUP ]] && cap="each capped at $GEN_CPU_MAX µs of CPU per period ($CGROUP_KIND cgroup)"
+    fi
+    log "== nginx (1 worker) on core 1 at $SERVER_ADDR; wrk and loadgen -t1 -c50 on core 0 ($cap), ${secs}s each, $VS_WRK rounds"
     : >"$table"
     for ((round = 1; round <= VS_WRK; round++)); do
         vs_wrk_run wrk "$round" "$secs" "$table"
@@ -530,7 +546,7 @@ vs_wrk_main() {
     stop_server "$SERVER_PID"
     mkdir -p "$OUT"
     {
-        echo "nginx 1 worker pinned to core 1; each generator -t1 -c50 -d${secs}s pinned to core 0, alternating ($(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r))"
+        echo "nginx 1 worker pinned to core 1; each generator -t1 -c50 -d${secs}s pinned to core 0, $cap; alternating ($(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r))"
         echo
         echo "| round | generator | req/s | generator CPU | generator µs/req | load average before |"
         echo "|---:|---|---:|---:|---:|---|"
@@ -555,10 +571,11 @@ vs_wrk_run() {
     local tool=$1 round=$2 secs=$3 table=$4 out="$TMP/$1-$2.out" pid load cpu rps n
     load=$(loadavg)
     children_cpu_to "$out.t0"
+    launcher 0
     if [[ $tool == wrk ]]; then
-        taskset -c 0 wrk -t1 -c50 -d"${secs}s" "http://$SERVER_ADDR/" >"$out" 2>&1 &
+        "${LAUNCH[@]}" wrk -t1 -c50 -d"${secs}s" "http://$SERVER_ADDR/" >"$out" 2>&1 &
     else
-        taskset -c 0 "$BIN_DIR/loadgen" -t1 -c50 -d"${secs}s" --json "http://$SERVER_ADDR/" >"$out" 2>&1 &
+        "${LAUNCH[@]}" "$BIN_DIR/loadgen" -t1 -c50 -d"${secs}s" --json "http://$SERVER_ADDR/" >"$out" 2>&1 &
     fi
     pid=$!
     LIVE[$pid]=client
@@ -571,7 +588,7 @@ vs_wrk_run() {
         n=$(awk '/ requests in / { print $1 }' "$out")
     else
         rps=$(json_field "$out" requests_per_s)
-        n=$(json_field "$out" requests)
+        n=$(json_field "$out" all_responses) # like wrk's count: every reply of the run
     fi
     awk -v r="$round" -v t="$tool" -v rps="$rps" -v n="$n" -v cpu="$cpu" -v s="$secs" -v l="$load" \
         'BEGIN { printf "%s\t%s\t%.0f\t%.0f\t%.2f\t%s\n", r, t, rps, 100 * cpu / s, 1e6 * cpu / n, l }' >>"$table"

@@ -377,7 +377,8 @@ impl<'a> Table<'a> {
                 .x_label_formatter(&|x| short(*x))
                 .label_style(("sans-serif", 13))
                 .draw()?;
-            // The first pattern at the top.
+            // The first pattern at the top. (An integer range includes its end, so the top
+            // segment, n, stays empty.)
             let row = |i: usize| n - 1 - i;
             chart.draw_series(values.iter().enumerate().filter_map(|(i, v)| {
                 let v = (*v)?;
