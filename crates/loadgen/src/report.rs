@@ -23,6 +23,9 @@ pub struct Run {
     pub workload: String,
     /// utime+stime of the server's process tree over the loadgen run, in seconds.
     pub server_cpu_s: Option<f64>,
+    /// /proc/loadavg's three numbers when the run began: how busy the shared machine was.
+    #[serde(default)]
+    pub loadavg: Option<String>,
     pub loadgen: Summary,
 }
 
@@ -238,10 +241,11 @@ impl<'a> Table<'a> {
         s.push_str(
             "\n## Every run\n\nLatency percentiles over the measured window; for the open-loop \
              runs they count from when each request fell due. `srv CPU` is the server's CPU \
-             over the run as a share of one core; `gen CPU` likewise for loadgen.\n\n\
+             over the run as a share of one core; `gen CPU` likewise for loadgen; `load` is \
+             the machine's 1-minute load average as the run began.\n\n\
              | pattern | workload | req/s | MiB/s | p50 | p90 | p99 | p99.9 | max | errors | \
-             srv µs/req | srv CPU | gen CPU |\n\
-             |---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|\n",
+             srv µs/req | srv CPU | gen CPU | load |\n\
+             |---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|\n",
         );
         for w in &self.workloads {
             for p in &self.patterns {
@@ -278,9 +282,14 @@ impl<'a> Table<'a> {
                     .server_us_per_request()
                     .map(|u| format!("{u:.2}"))
                     .unwrap_or_else(|| "–".into());
+                let load = r
+                    .loadavg
+                    .as_deref()
+                    .and_then(|l| l.split_whitespace().next())
+                    .unwrap_or("–");
                 let _ = writeln!(
                     s,
-                    "| {p} | {w} | {} | {:.1} | {} | {} | {} | {} | {} | {errs} | {srv_us} | {srv_share} | {:.0}% |",
+                    "| {p} | {w} | {} | {:.1} | {} | {} | {} | {} | {} | {errs} | {srv_us} | {srv_share} | {:.0}% | {load} |",
                     group(g.requests_per_s.round() as u64),
                     g.bytes_per_s / 1024.0 / 1024.0,
                     human_us(l.p50),
