@@ -20,9 +20,18 @@
 //! pool does for Node's file system and DNS calls (`--workers` sets the pool size, like
 //! `UV_THREADPOOL_SIZE`).
 //!
+//! Demo aids for `scripts/demo.sh`, answered ahead of the application: `GET /split` replies in
+//! two writes (the head at once, the body a loop turn later, as a streamed reply leaves), to
+//! show Nagle's algorithm with `--no-nodelay`; and with `--dataset-mb N`, an in-memory data set
+//! with `POST /snapshot`, Redis's BGSAVE by fork and copy-on-write (see `snapshot.rs`).
+//!
 //! Run: `cargo run --release -p single-thread -- --addr 127.0.0.1:8080 [--offload]`
 
+mod snapshot;
+
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use proto::{Request, Response};
@@ -41,6 +50,20 @@ struct Args {
     /// Run /work and /block on a pool of --workers threads instead of the loop thread.
     #[arg(long)]
     offload: bool,
+
+    /// Demo aid: keep an in-memory data set of this many MiB, with `POST /snapshot` (fork a
+    /// child that writes it to --snapshot-path while this process serves on).
+    #[arg(long, value_name = "MB", value_parser = clap::value_parser!(u32).range(1..=16384))]
+    dataset_mb: Option<u32>,
+
+    /// Where `POST /snapshot` writes the data set [default: $TMPDIR/single-thread-PID.snapshot].
+    #[arg(long, value_name = "PATH")]
+    snapshot_path: Option<PathBuf>,
+
+    /// The snapshot child pauses this long after each MiB it writes, like Redis's
+    /// rdb-key-save-delay, so that the copying can be watched while it runs.
+    #[arg(long, value_name = "DURATION", value_parser = runtime::cli::duration)]
+    snapshot_delay: Option<Duration>,
 }
 
 fn main() -> std::io::Result<()> {
@@ -59,10 +82,21 @@ fn main() -> std::io::Result<()> {
         true => Some(offload_pool(args.server.workers())?),
         false => None,
     };
+    let dataset = match args.dataset_mb {
+        Some(mb) => Some(snapshot::DataSet::new(
+            mb as usize,
+            args.snapshot_path.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("{PATTERN}-{}.snapshot", std::process::id()))
+            }),
+            args.snapshot_delay.unwrap_or_default(),
+        )?),
+        None => None,
+    };
     let mut handler = Node {
         app,
         pool,
         loop_handle: event_loop.handle(),
+        dataset,
     };
     runtime::announce(PATTERN, addr, 1);
     event_loop.run(&mut handler)
@@ -73,10 +107,15 @@ struct Node {
     app: App,
     pool: Option<rayon::ThreadPool>,
     loop_handle: Arc<LoopHandle>,
+    /// `--dataset-mb`: the data set behind `/dataset` and `/snapshot` (a demo aid).
+    dataset: Option<snapshot::DataSet>,
 }
 
 impl Handler for Node {
     fn handle(&mut self, req: &Request<'_>, origin: Origin) -> Option<Response> {
+        if let Some(reply) = self.demo_aid(req, origin) {
+            return Some(reply);
+        }
         match self.app.route(req) {
             Route::Ready(reply) => Some(reply),
             // The lesson: every other connection waits while this runs.
@@ -89,6 +128,20 @@ impl Handler for Node {
                 None
             }
         }
+    }
+}
+
+impl Node {
+    /// The demo aids (see the header), or `None` for the application's requests.
+    fn demo_aid(&mut self, req: &Request<'_>, origin: Origin) -> Option<Response> {
+        if req.method == "GET" && req.path() == "/split" {
+            // The head leaves in this turn's write; the body waits in the mailbox for the next
+            // turn, and leaves in a second write.
+            self.loop_handle.chunk(origin, b"Hello, World!".to_vec());
+            self.loop_handle.end(origin);
+            return Some(Response::stream(200, "text/plain"));
+        }
+        self.dataset.as_mut()?.route(req)
     }
 }
 
