@@ -15,6 +15,8 @@
 #
 # Environment: DEMO_PROFILE=release|debug   which build of the servers to run (default release)
 #              DEMO_NO_BUILD=1              use the binaries already built, do not run cargo
+#              DEMO_NO_NETNS=1              act as if network namespaces were not allowed (to try the
+#                                           fallbacks a machine without root takes)
 #
 # Pages: docs/demo-NAME.md explains each demo and shows a real run.
 set -euo pipefail
@@ -90,6 +92,7 @@ apt_packages() {
 
 # Can we make network namespaces (root, and a kernel and container that allow it)?
 can_netns() {
+    [ "${DEMO_NO_NETNS:-0}" = 1 ] && return 1
     [ "$(id -u)" = 0 ] || return 1
     local probe="demo-$$-probe"
     ip netns add "$probe" 2>/dev/null || return 1
