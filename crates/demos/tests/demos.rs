@@ -3,8 +3,9 @@
 //! What the demos measure depends on the machine, so nothing here checks a number or a timing:
 //! a demo passes when it exits 0 having printed a line that starts with `verdict:`. A demo that
 //! cannot run here at all (a required tool missing, or no network namespaces for syn-queue)
-//! exits 77, and its test passes with a note saying why. The demos run one at a time: they
-//! read kernel counters and compete for the CPU, so they must not overlap.
+//! exits 77, and its test passes with a note saying why. The demos run one at a time, also
+//! under nextest's process per test (a lock file): they read kernel counters and compete for
+//! the CPU, so they must not overlap.
 //!
 //! They need bash and python3; as root with iproute2 (ip, ss, tc, nstat) they show everything,
 //! and tcpdump and perf add a packet trace (buffers) and a second wake-up count (herd). Each
@@ -12,6 +13,7 @@
 //! missing with cargo.
 
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -25,6 +27,28 @@ const TIMEOUT: Duration = Duration::from_secs(240);
 const CANNOT_RUN: i32 = 77;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Holds an exclusive lock on `<target>/demos.lock` while alive: one demo at a time across
+/// processes (the Mutex above covers threads; the lock, nextest's process per test).
+struct DemoLock {
+    _file: std::fs::File,
+}
+
+impl DemoLock {
+    fn take() -> DemoLock {
+        let (target, _) = target_and_profile();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(target.join("demos.lock"))
+            .expect("the demos' lock file");
+        // SAFETY: flock takes an open descriptor, which `file` owns for as long as the lock lives.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+        DemoLock { _file: file }
+    }
+}
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/demo.sh")
@@ -107,6 +131,7 @@ fn run_script(args: &[&str]) -> (Option<i32>, String) {
 /// Runs one demo's quick path and checks that it printed its verdict.
 fn demo(name: &str) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = DemoLock::take();
     let started = Instant::now();
     let (code, output) = run_script(&["--quick", name]);
     eprintln!("{output}");
