@@ -86,6 +86,9 @@ pub struct Conn {
     head_scanned: usize,
     /// Shutdown asked for no further requests: the one partly received is still finished.
     stopping: bool,
+    /// Body bytes of replies filed but not yet encoded (waiting behind an earlier reply, or
+    /// for the socket to take more): they count toward backpressure as much as `out` does.
+    queued: usize,
 }
 
 impl Conn {
@@ -107,6 +110,7 @@ impl Conn {
             failed: false,
             head_scanned: 0,
             stopping: false,
+            queued: 0,
         }
     }
 
@@ -161,7 +165,7 @@ impl Conn {
     /// The next complete request, if one is buffered and the connection may take it now.
     /// A malformed request queues its error reply and stops the reading.
     pub fn next_request(&mut self) -> Option<Request<'_>> {
-        if self.slots.len() >= self.limits.max_pipeline || self.unsent() >= OUTPUT_HIGH_WATER {
+        if self.slots.len() >= self.limits.max_pipeline || self.backlog() >= OUTPUT_HIGH_WATER {
             return None;
         }
         match self.advance_reader() {
@@ -291,9 +295,11 @@ impl Conn {
             keep_alive: false,
             http10: false,
         };
+        let reply = Response::error(status);
+        self.queued += reply.body.len();
         self.slots.push_back(Slot {
             meta,
-            state: SlotState::Ready(Response::error(status)),
+            state: SlotState::Ready(reply),
             early: Vec::new(),
             ended: false,
         });
@@ -313,9 +319,10 @@ impl Conn {
     /// Files the reply to request `id`. Replies leave in request order, whatever order they
     /// are filed in. A reply for a request this connection no longer owes is dropped.
     pub fn respond(&mut self, id: ReqId, response: Response) {
-        if let Some(slot) = self.slot(id)
+        if let Some(slot) = self.index(id).and_then(|i| self.slots.get_mut(i))
             && matches!(slot.state, SlotState::Waiting)
         {
+            self.queued += response.body.len();
             slot.state = SlotState::Ready(response);
         }
     }
@@ -325,7 +332,9 @@ impl Conn {
     pub fn push_chunk(&mut self, id: ReqId, data: &[u8]) {
         let at_front = id.0 == self.first_id;
         let out_closed = self.out_closed;
-        let Some(slot) = self.slot(id) else { return };
+        let Some(slot) = self.index(id).map(|i| &mut self.slots[i]) else {
+            return;
+        };
         if slot.ended {
             return;
         }
@@ -336,7 +345,9 @@ impl Conn {
             }
             SlotState::Ready(ref r) if r.is_stream() => {
                 let meta = slot.meta;
+                let before = slot.early.len();
                 response::encode_chunk(&mut slot.early, data, meta);
+                self.queued += slot.early.len() - before;
             }
             _ => {}
         }
@@ -359,9 +370,14 @@ impl Conn {
         }
     }
 
+    /// Where request `id`'s slot is, if the connection still owes its reply.
+    fn index(&self, id: ReqId) -> Option<usize> {
+        let index = usize::try_from(id.0.checked_sub(self.first_id)?).ok()?;
+        (index < self.slots.len()).then_some(index)
+    }
+
     fn slot(&mut self, id: ReqId) -> Option<&mut Slot> {
-        let index = id.0.checked_sub(self.first_id)?;
-        self.slots.get_mut(usize::try_from(index).ok()?)
+        self.index(id).map(|i| &mut self.slots[i])
     }
 
     // ---- output --------------------------------------------------------------------------
@@ -389,6 +405,7 @@ impl Conn {
                 self.out.drain(..self.out_pos);
                 self.out_pos = 0;
             }
+            self.queued -= r.body.len() + if r.is_stream() { slot.early.len() } else { 0 };
             let keep_open = response::encode(&mut self.out, &r, slot.meta, common);
             if r.is_stream() {
                 self.out.extend_from_slice(&slot.early);
@@ -422,6 +439,7 @@ impl Conn {
         self.out_closed = true;
         self.reading = Reading::Stopped;
         self.slots.clear();
+        self.queued = 0;
     }
 
     /// The socket took `n` bytes of [`Conn::output`].
@@ -444,12 +462,17 @@ impl Conn {
         self.out.len() - self.out_pos
     }
 
+    /// Reply bytes held for the peer: encoded and unsent, or filed and not yet encoded.
+    pub fn backlog(&self) -> usize {
+        self.unsent() + self.queued
+    }
+
     /// Whether reading more input now would be useful: false once reading has stopped, and
-    /// while replies back up (too many owed, or too much output unsent).
+    /// while replies back up (too many owed, or too many reply bytes held).
     pub fn wants_read(&self) -> bool {
         !matches!(self.reading, Reading::Stopped)
             && self.slots.len() < self.limits.max_pipeline
-            && self.unsent() < OUTPUT_HIGH_WATER
+            && self.backlog() < OUTPUT_HIGH_WATER
     }
 
     /// Everything owed has been written and no more requests will be read: close the socket.

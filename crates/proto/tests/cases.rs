@@ -467,3 +467,56 @@ fn stop_reading_finishes_the_request_in_progress() {
     conn.written(n);
     assert!(conn.is_finished());
 }
+
+/// Backpressure counts replies filed but not yet encoded: while the peer takes nothing, a
+/// connection stops handing out requests once about 256 KiB of replies are held, not after 64.
+#[test]
+fn replies_waiting_for_the_socket_stop_the_reading() {
+    use proto::{Conn, Limits, OUTPUT_HIGH_WATER, Response};
+    let body = vec![b'x'; 100 * 1024];
+    let request = [
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+        &body,
+    ]
+    .concat();
+    let mut conn = Conn::new(Limits::default());
+    let mut served = 0;
+    for _ in 0..64 {
+        if !conn.wants_read() {
+            break;
+        }
+        let buf = conn.read_buf();
+        let n = request.len().min(buf.len());
+        buf[..n].copy_from_slice(&request[..n]);
+        conn.filled(n);
+        let mut rest = &request[n..];
+        while !rest.is_empty() {
+            let buf = conn.read_buf();
+            let n = rest.len().min(buf.len());
+            buf[..n].copy_from_slice(&rest[..n]);
+            conn.filled(n);
+            rest = &rest[n..];
+        }
+        // The socket is never writable: nothing is encoded or written.
+        while let Some(req) = conn.next_request() {
+            let (id, echo) = (req.id, req.body.to_vec());
+            conn.respond(id, Response::owned(200, "application/octet-stream", echo));
+            served += 1;
+        }
+    }
+    assert!(!conn.wants_read());
+    assert!(
+        served <= OUTPUT_HIGH_WATER / body.len() + 1,
+        "{served} replies held"
+    );
+    assert!(conn.backlog() >= OUTPUT_HIGH_WATER);
+    // Once the peer reads, the backlog drains and reading resumes.
+    let n = conn.output(&common::common()).len();
+    conn.written(n);
+    assert_eq!(conn.backlog(), 0);
+    assert!(conn.wants_read());
+}
