@@ -35,13 +35,13 @@
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Barrier};
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use runtime::listener::{AcceptBackoff, is_out_of_resources};
+use runtime::threads::{join, spawn};
 use runtime::{
     App, EventLoop, Inline, LoopConfig, LoopHandle, ServerArgs, Shutdown, Stats, WorkerStats,
 };
@@ -85,7 +85,7 @@ fn main() -> io::Result<()> {
         let event_loop = EventLoop::new(config.clone(), stats.worker(i), shutdown.clone())?;
         handles.push(event_loop.handle());
         let (app, started) = (App::new(stats.clone()), started.clone());
-        threads.push(spawn(format!("worker-{i}"), move || {
+        threads.push(spawn(PATTERN, format!("worker-{i}"), move || {
             started.wait();
             event_loop.run(&mut Inline(app))
         })?);
@@ -101,7 +101,7 @@ fn main() -> io::Result<()> {
         args.server.max_conns,
         shutdown,
     )?;
-    let acceptor = spawn("acceptor".into(), move || acceptor.run())?;
+    let acceptor = spawn(PATTERN, "acceptor".into(), move || acceptor.run())?;
     runtime::announce(PATTERN, addr, workers);
 
     // The acceptor returns on SIGTERM/SIGINT, after waking every worker to drain.
@@ -297,25 +297,3 @@ impl Acceptor {
 }
 
 // ---- helpers -----------------------------------------------------------------------------
-
-/// Runs `work` on a thread named `name`. Its failure is fatal: the other threads would serve on
-/// without it, so the process exits 1.
-fn spawn(
-    name: String,
-    work: impl FnOnce() -> io::Result<()> + Send + 'static,
-) -> io::Result<JoinHandle<()>> {
-    thread::Builder::new().name(name.clone()).spawn(move || {
-        if let Err(e) = work() {
-            eprintln!("{PATTERN}: {name}: {e}");
-            std::process::exit(1);
-        }
-    })
-}
-
-/// Waits for a thread to finish; a panic there is this process's error.
-fn join(thread: JoinHandle<()>) -> io::Result<()> {
-    let name = thread.thread().name().unwrap_or("a thread").to_string();
-    thread
-        .join()
-        .map_err(|_| io::Error::other(format!("{name} panicked")))
-}

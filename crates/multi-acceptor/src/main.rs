@@ -33,9 +33,9 @@
 
 use std::io;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 
 use clap::Parser;
+use runtime::threads::{join, spawn};
 use runtime::{App, EventLoop, Inline, LoopConfig, ServerArgs, Shutdown, Stats};
 
 const PATTERN: &str = "multi-acceptor";
@@ -78,7 +78,7 @@ fn main() -> io::Result<()> {
             event_loop.watch_signals()?;
         }
         let app = App::new(stats.clone());
-        threads.push(spawn(format!("worker-{i}"), move || {
+        threads.push(spawn(PATTERN, format!("worker-{i}"), move || {
             event_loop.run(&mut Inline(app))
         })?);
     }
@@ -88,26 +88,4 @@ fn main() -> io::Result<()> {
 
     // Worker 0 hears SIGTERM/SIGINT and wakes the rest; each returns once drained.
     threads.into_iter().try_for_each(join)
-}
-
-/// Runs `work` on a thread named `name`. Its failure is fatal: the other threads would serve on
-/// without it, so the process exits 1.
-fn spawn(
-    name: String,
-    work: impl FnOnce() -> io::Result<()> + Send + 'static,
-) -> io::Result<JoinHandle<()>> {
-    thread::Builder::new().name(name.clone()).spawn(move || {
-        if let Err(e) = work() {
-            eprintln!("{PATTERN}: {name}: {e}");
-            std::process::exit(1);
-        }
-    })
-}
-
-/// Waits for a thread to finish; a panic there is this process's error.
-fn join(thread: JoinHandle<()>) -> io::Result<()> {
-    let name = thread.thread().name().unwrap_or("a thread").to_string();
-    thread
-        .join()
-        .map_err(|_| io::Error::other(format!("{name} panicked")))
 }

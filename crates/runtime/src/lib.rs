@@ -10,6 +10,7 @@ pub mod event_loop;
 pub mod listener;
 pub mod shutdown;
 pub mod stats;
+pub mod threads;
 
 pub use app::{App, Routable, Route, Task};
 pub use cli::ServerArgs;
