@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use loadgen::engine::{self, Close, Config, Stop};
 use loadgen::spec::{Mix, RequestSpec, Target, parse_header};
 use loadgen::stats::group;
+use runtime::cli::{duration, duration_or_zero};
 
 const AFTER_HELP: &str = "\
 Request mix (-r, repeatable): [WEIGHT:]METHOD PATH [BODY | @FILE]
@@ -272,34 +273,6 @@ fn bytes_per_s(s: &str) -> Result<u64, String> {
         Ok(n) => n.checked_mul(1 << shift).ok_or_else(|| "too large".into()),
         Err(_) => Err("expected bytes per second, such as 100 or 4K".into()),
     }
-}
-
-/// A duration: `250ms`, `10s`, `2m`, or a plain number of seconds; more than zero.
-fn duration(s: &str) -> Result<Duration, String> {
-    match duration_or_zero(s)? {
-        Duration::ZERO => Err("must be more than zero".into()),
-        d => Ok(d),
-    }
-}
-
-fn duration_or_zero(s: &str) -> Result<Duration, String> {
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let n: f64 = number
-        .parse()
-        .map_err(|_| "expected a duration such as 500ms, 10s or 2m".to_string())?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("unknown unit {unit:?}: use ms, s or m")),
-    };
-    if !(0.0..1e9).contains(&secs) {
-        return Err("out of range".into());
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 #[cfg(test)]

@@ -132,8 +132,16 @@ pub fn size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| "too large".to_string())
 }
 
-/// A duration: `250ms`, `10s`, `2m`, or a plain number of seconds.
+/// A duration: `250ms`, `10s`, `2m`, or a plain number of seconds; more than zero.
 pub fn duration(s: &str) -> Result<Duration, String> {
+    match duration_or_zero(s)? {
+        Duration::ZERO => Err("must be more than zero".into()),
+        d => Ok(d),
+    }
+}
+
+/// Like [`duration`], but zero is allowed (`--warmup 0s`).
+pub fn duration_or_zero(s: &str) -> Result<Duration, String> {
     let split = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .unwrap_or(s.len());
@@ -147,8 +155,8 @@ pub fn duration(s: &str) -> Result<Duration, String> {
         "m" => n * 60.0,
         _ => return Err(format!("unknown unit {unit:?}: use ms, s or m")),
     };
-    if !(secs > 0.0 && secs < 1e9) {
-        return Err("must be more than zero".into());
+    if !(0.0..1e9).contains(&secs) {
+        return Err("out of range".into());
     }
     Ok(Duration::from_secs_f64(secs))
 }
