@@ -214,7 +214,7 @@ impl Conn {
             method,
             target: slice_str(&self.input[base..], head.target),
             version: head.version,
-            keep_alive: head.keep_alive,
+            keep_alive,
             head: &self.input[base..base + head.len],
             headers: &self.positions,
             body: &self.input[body.0..body.1],
@@ -230,7 +230,7 @@ impl Conn {
                     // RFC 9112 2.2: ignore empty lines before a request line.
                     while self.start < self.end && matches!(self.input[self.start], b'\r' | b'\n') {
                         if self.input[self.start] == b'\r'
-                            && self.input.get(self.start + 1) != Some(&b'\n')
+                            && self.input[..self.end].get(self.start + 1) != Some(&b'\n')
                         {
                             if self.start + 1 == self.end {
                                 return Ok(false);
@@ -323,6 +323,10 @@ impl Conn {
             && matches!(slot.state, SlotState::Waiting)
         {
             self.queued += response.body.len();
+            if response.is_stream() && !response::has_body_framing(response.status) {
+                // 1xx, 204, 304: no chunked coding, and the chunks are dropped.
+                slot.meta.head_only = true;
+            }
             slot.state = SlotState::Ready(response);
         }
     }
@@ -411,6 +415,12 @@ impl Conn {
                 self.out.extend_from_slice(&slot.early);
                 slot.early = Vec::new();
                 if !slot.ended {
+                    if !keep_open {
+                        // The head said `Connection: close`: end_stream closes, and nothing
+                        // more is read meanwhile.
+                        slot.meta.keep_alive = false;
+                        self.reading = Reading::Stopped;
+                    }
                     // Stay at the front: later replies wait until this stream ends.
                     break;
                 }

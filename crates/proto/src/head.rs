@@ -49,28 +49,40 @@ pub(crate) fn parse(
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
-            return match req.path {
-                Some(p) if p.len() > limits.max_target => Err(414),
-                // The request line itself has not ended: a huge target is the likely cause.
-                None if buf.len() > limits.max_head.min(limits.max_target + 64) => Err(414),
-                _ if buf.len() > limits.max_head => Err(431),
-                _ => Ok(None),
+            // The target so far: if its end has not arrived, all that follows the method.
+            let target_len = match req.path {
+                Some(p) => p.len(),
+                None => memchr::memchr(b' ', buf).map_or(0, |sp| buf.len() - sp - 1),
+            };
+            return if target_len > limits.max_target {
+                Err(414)
+            } else if buf.len() > limits.max_head {
+                Err(431)
+            } else {
+                Ok(None)
             };
         }
         Err(httparse::Error::TooManyHeaders) => return Err(431),
         Err(httparse::Error::Version) if req.path.is_some_and(|p| p.len() > limits.max_target) => {
             return Err(414);
         }
-        Err(httparse::Error::Version) => return version_error(buf).map_or(Ok(None), Err),
+        Err(httparse::Error::Version) => {
+            return match version_error(buf) {
+                Some(status) => Err(status),
+                None if buf.len() > limits.max_head => Err(431),
+                None => Ok(None),
+            };
+        }
         Err(_) => return Err(400),
     };
-    if len > limits.max_head {
-        return Err(431);
-    }
     let method = req.method.unwrap_or_default();
     let target = req.path.unwrap_or_default();
+    // 414 before 431, as when the head arrives in pieces.
     if target.len() > limits.max_target {
         return Err(414);
+    }
+    if len > limits.max_head {
+        return Err(431);
     }
     let version = if req.version == Some(0) {
         Version::Http10
@@ -166,7 +178,8 @@ fn version_error(buf: &[u8]) -> Option<u16> {
         None => (buf, false),
     };
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let version = line.rsplit(|&b| b == b' ').next().unwrap_or_default();
+    // The third token of the request line (httparse has checked the method and target).
+    let version = line.splitn(3, |&b| b == b' ').nth(2).unwrap_or_default();
     let fits = version.len() <= 8
         && version.iter().zip(b"HTTP/0.0").all(|(&c, &p)| {
             if p == b'0' {

@@ -149,7 +149,7 @@ pub(crate) fn encode(
         out.extend_from_slice(b"\r\n");
     }
     if r.is_stream() {
-        if !meta.http10 {
+        if !meta.http10 && has_body_framing(r.status) {
             out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
         }
     } else if has_body_framing(r.status) {
@@ -199,7 +199,7 @@ pub(crate) fn encode_stream_end(out: &mut Vec<u8>, meta: ReplyMeta) {
 }
 
 /// 1xx, 204 and 304 replies carry neither a body nor Content-Length.
-fn has_body_framing(status: u16) -> bool {
+pub(crate) fn has_body_framing(status: u16) -> bool {
     !(100..200).contains(&status) && status != 204 && status != 304
 }
 

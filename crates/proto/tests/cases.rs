@@ -520,3 +520,115 @@ fn replies_waiting_for_the_socket_stop_the_reading() {
     assert_eq!(conn.backlog(), 0);
     assert!(conn.wants_read());
 }
+
+// Regressions for what the fuzz target (fuzz/) found.
+
+#[test]
+fn bare_cr_after_an_empty_line_is_400_however_it_is_split() {
+    // Byte by byte, the buffer is reused from offset 0 and a stale '\n' from an earlier read
+    // sat just past the end: it must not complete the CR.
+    check(
+        "crlf then bare cr",
+        b"\r\n\rGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        Expect::Err(400),
+    );
+}
+
+#[test]
+fn a_long_method_is_not_a_long_target() {
+    // limits(): max_target 256. A 400-byte method is no reason for 414, split or whole.
+    let method = "M".repeat(400);
+    let input = format!("{method} /x HTTP/1.1\r\nHost: a\r\n\r\n");
+    let leaked: &'static str = Box::leak(method.into_boxed_str());
+    let expected: &'static [(&str, &str, &[u8])] = Box::leak(Box::new([(leaked, "/x", &b""[..])]));
+    check("long method", input.as_bytes(), Expect::Ok(expected));
+}
+
+#[test]
+fn a_bad_version_cannot_grow_the_head_without_bound() {
+    // Each read ends in a space and no newline comes, so the "version" never looks finished:
+    // the head limit (1024 in limits()) must still end it.
+    use proto::Conn;
+    let mut conn = Conn::new(limits());
+    let mut fed = 0;
+    let mut piece: &[u8] = b"GET / HTTP/X ";
+    while conn.wants_read() && fed < 64 * 1024 {
+        conn.read_buf()[..piece.len()].copy_from_slice(piece);
+        conn.filled(piece.len());
+        fed += piece.len();
+        assert!(conn.next_request().is_none());
+        piece = b"y ";
+    }
+    assert!(fed < 2048, "read {fed} bytes of a head limited to 1024");
+    let out = String::from_utf8_lossy(conn.output(&common::common())).into_owned();
+    assert!(out.starts_with("HTTP/1.1 4"), "{out}");
+}
+
+#[test]
+fn streams_obey_close_and_bodiless_statuses() {
+    use proto::{Conn, Limits, Response};
+    let common = common::common();
+    let feed = |conn: &mut Conn, bytes: &[u8]| {
+        conn.read_buf()[..bytes.len()].copy_from_slice(bytes);
+        conn.filled(bytes.len());
+    };
+
+    // A streamed reply that says `Connection: close` ends the connection when it ends.
+    let mut conn = Conn::new(Limits::default());
+    feed(&mut conn, b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n");
+    let id = conn.next_request().unwrap().id;
+    let mut head = Response::stream(200, "text/plain");
+    head.close = true;
+    conn.respond(id, head);
+    let n = conn.output(&common).len();
+    conn.written(n);
+    feed(&mut conn, b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert!(
+        conn.next_request().is_none(),
+        "nothing is read after a closing reply"
+    );
+    conn.push_chunk(id, b"data");
+    conn.end_stream(id);
+    let out = String::from_utf8_lossy(conn.output(&common)).into_owned();
+    assert_eq!(out, "4\r\ndata\r\n0\r\n\r\n");
+    let n = out.len();
+    conn.written(n);
+    assert!(conn.is_finished());
+
+    // A 204 has no body: no chunked coding, and its chunks are dropped.
+    let mut conn = Conn::new(Limits::default());
+    feed(
+        &mut conn,
+        b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n",
+    );
+    let first = conn.next_request().unwrap().id;
+    let second = conn.next_request().unwrap().id;
+    conn.respond(first, Response::stream(204, ""));
+    conn.push_chunk(first, b"ignored");
+    conn.end_stream(first);
+    conn.respond(second, Response::text(200, "ok"));
+    let out = String::from_utf8_lossy(conn.output(&common)).into_owned();
+    assert!(
+        !out.contains("Transfer-Encoding") && !out.contains("ignored"),
+        "{out}"
+    );
+    assert!(
+        out.starts_with("HTTP/1.1 204 No Content\r\n") && out.ends_with("\r\n\r\nok"),
+        "{out}"
+    );
+}
+
+#[test]
+fn request_keep_alive_reflects_a_shutdown() {
+    use proto::{Conn, Limits};
+    let mut conn = Conn::new(Limits::default());
+    let input = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nh";
+    conn.read_buf()[..input.len()].copy_from_slice(input);
+    conn.filled(input.len());
+    assert!(conn.next_request().is_none());
+    conn.stop_reading();
+    conn.read_buf()[0] = b'i';
+    conn.filled(1);
+    let req = conn.next_request().unwrap();
+    assert!(!req.keep_alive);
+}
