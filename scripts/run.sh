@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then
-    echo "usage: scripts/run.sh PATTERN [FLAGS...]   (patterns: $(ls crates | grep -vE '^(proto|runtime|blackbox|loadgen)$' | tr '\n' ' '))" >&2
+    echo "usage: scripts/run.sh PATTERN [FLAGS...]   (patterns: $(ls crates | grep -vE '^(proto|runtime|blackbox|loadgen|demos)$' | tr '\n' ' '))" >&2
     exit 2
 fi
 pattern=$1
