@@ -509,8 +509,8 @@ pub fn fetch_stats(addr: SocketAddr) -> (Value, String) {
     }
 }
 
-/// The sum of numeric field `field` over the `workers` array of a `/stats` document.
-pub fn sum_over_workers(stats: &Value, field: &str) -> u64 {
+/// Numeric field `field` of each entry of the `workers` array of a `/stats` document.
+pub fn per_worker(stats: &Value, field: &str) -> Vec<u64> {
     let workers = stats.get("workers").and_then(Value::as_array);
     let workers = workers.unwrap_or_else(|| panic!("/stats has no `workers` array: {stats:?}"));
     assert!(!workers.is_empty(), "/stats lists no workers: {stats:?}");
@@ -520,7 +520,12 @@ pub fn sum_over_workers(stats: &Value, field: &str) -> u64 {
             let n = w.get(field).and_then(Value::as_u64);
             n.unwrap_or_else(|| panic!("a /stats worker has no numeric `{field}`: {w:?}"))
         })
-        .sum()
+        .collect()
+}
+
+/// The sum of numeric field `field` over the `workers` array of a `/stats` document.
+pub fn sum_over_workers(stats: &Value, field: &str) -> u64 {
+    per_worker(stats, field).iter().sum()
 }
 
 /// 200 concurrent clients × 50 keep-alive requests all succeed, and `/stats` then counts exactly

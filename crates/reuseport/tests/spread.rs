@@ -114,17 +114,7 @@ fn has_reply(c: &Client) -> bool {
 }
 
 fn column(stats: &Value, field: &str) -> Vec<u64> {
-    let workers = stats
-        .get("workers")
-        .and_then(Value::as_array)
-        .unwrap_or_default();
-    assert_eq!(workers.len(), 4, "/stats workers: {stats:?}");
-    workers
-        .iter()
-        .map(|w| {
-            w.get(field)
-                .and_then(Value::as_u64)
-                .unwrap_or_else(|| panic!("no `{field}` in {w:?}"))
-        })
-        .collect()
+    let column = blackbox::checks::per_worker(stats, field);
+    assert_eq!(column.len(), 4, "/stats workers: {stats:?}");
+    column
 }

@@ -2,7 +2,7 @@
 //! answered, even when the loop, stuck in a handler, has not yet seen its readiness event.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -16,10 +16,8 @@ struct Args {
     server: ServerArgs,
 }
 
-const HELLO: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
-
-#[test]
-fn request_that_arrived_during_a_handler_is_served_after_shutdown() {
+/// One event loop serving the app on a free port, on its own thread.
+fn start() -> (SocketAddr, Arc<Shutdown>, thread::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -30,6 +28,14 @@ fn request_that_arrived_during_a_handler_is_served_after_shutdown() {
     event_loop.listen(listener).unwrap();
     let app = App::new(stats.clone());
     let server = thread::spawn(move || event_loop.run(&mut Inline(app)).unwrap());
+    (addr, shutdown, server)
+}
+
+const HELLO: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+
+#[test]
+fn request_that_arrived_during_a_handler_is_served_after_shutdown() {
+    let (addr, shutdown, server) = start();
 
     // Both connections accepted and served once.
     let mut busy = TcpStream::connect(addr).unwrap();
@@ -61,16 +67,7 @@ fn request_that_arrived_during_a_handler_is_served_after_shutdown() {
 /// `Connection: close`); the loop then exits.
 #[test]
 fn request_half_received_at_shutdown_is_finished() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stats = Arc::new(Stats::new("drain-test", 1));
-    let shutdown = Shutdown::new();
-    let config = LoopConfig::new("drain-test", &Args::parse_from(["test"]).server);
-    let mut event_loop = EventLoop::new(config, stats.worker(0), shutdown.clone()).unwrap();
-    event_loop.listen(listener).unwrap();
-    let app = App::new(stats.clone());
-    let server = thread::spawn(move || event_loop.run(&mut Inline(app)).unwrap());
+    let (addr, shutdown, server) = start();
 
     let mut c = TcpStream::connect(addr).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -92,16 +89,7 @@ fn request_half_received_at_shutdown_is_finished() {
 /// answered (with `Connection: close`); one that never sends is closed after a short grace.
 #[test]
 fn fresh_connection_gets_its_first_request_answered() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stats = Arc::new(Stats::new("drain-test", 1));
-    let shutdown = Shutdown::new();
-    let config = LoopConfig::new("drain-test", &Args::parse_from(["test"]).server);
-    let mut event_loop = EventLoop::new(config, stats.worker(0), shutdown.clone()).unwrap();
-    event_loop.listen(listener).unwrap();
-    let app = App::new(stats.clone());
-    let server = thread::spawn(move || event_loop.run(&mut Inline(app)).unwrap());
+    let (addr, shutdown, server) = start();
 
     let mut late = TcpStream::connect(addr).unwrap();
     let mut silent = TcpStream::connect(addr).unwrap();
