@@ -492,6 +492,32 @@ pub fn no_reply_after_rejected_request(bin: &str, args: &[&str]) {
     assert_rejected(bin, args, &[], &request, 400);
 }
 
+/// A server at its bound (`--max-conns`, `--max-threads`...) with `held` connections open and
+/// served: one more connection completes its handshake but gets no reply while they stay open
+/// (it waits in the accept queue); once the first closes, it is served. Returns the connections
+/// still open, the late one last, for the caller to go on with.
+pub fn next_connection_waits_at_the_bound(server: &Server, held: usize) -> Vec<Client> {
+    let mut clients: Vec<Client> = (0..held).map(|_| Client::connect(server.addr())).collect();
+    for c in &mut clients {
+        c.request(GET_HELLO).assert_status(200);
+    }
+    let mut late = Client::connect(server.addr()); // the kernel completes the handshake
+    late.send(GET_HELLO);
+    late.set_timeout(Duration::from_secs(1));
+    match late.try_read_response(Expect::Body) {
+        Err(ReadError::Timeout { received }) if received.is_empty() => {}
+        other => panic!(
+            "connection {} at the bound of {held} should get nothing: {other:?}",
+            held + 1
+        ),
+    }
+    drop(clients.remove(0));
+    late.set_timeout(Duration::from_secs(10));
+    late.read_response().assert_status(200).assert_body(HELLO);
+    clients.push(late);
+    clients
+}
+
 /// GETs `/stats` on a new connection; returns it parsed and as text (for messages).
 pub fn fetch_stats(addr: SocketAddr) -> (Value, String) {
     let mut c = Client::connect(addr);

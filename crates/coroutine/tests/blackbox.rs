@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use blackbox::checks::{GET_HELLO, HELLO, fetch_stats, sum_over_workers};
 use blackbox::json::Value;
-use blackbox::{Client, Expect, ReadError, Server};
+use blackbox::{Client, Server};
 
 const BIN: &str = env!("CARGO_BIN_EXE_coroutine");
 
@@ -104,21 +104,7 @@ fn connections_spread_over_the_workers() {
 #[test]
 fn at_max_conns_a_connection_waits_in_the_backlog() {
     let server = Server::start(BIN, &["--max-conns", "2"]);
-    let mut first = Client::connect(server.addr());
-    let mut second = Client::connect(server.addr());
-    first.request(GET_HELLO).assert_status(200);
-    second.request(GET_HELLO).assert_status(200);
-
-    let mut third = Client::connect(server.addr()); // the kernel completes the handshake
-    third.send(GET_HELLO);
-    third.set_timeout(Duration::from_secs(1));
-    match third.try_read_response(Expect::Body) {
-        Err(ReadError::Timeout { received }) if received.is_empty() => {}
-        other => panic!("a third connection at --max-conns 2 should get nothing: {other:?}"),
-    }
-    drop(first);
-    third.set_timeout(Duration::from_secs(10));
-    third.read_response().assert_status(200).assert_body(HELLO);
+    blackbox::checks::next_connection_waits_at_the_bound(&server, 2);
 }
 
 /// may pins its workers to cores by default; this server pins them only with `--pin`. Either

@@ -378,10 +378,7 @@ impl Routable for OwnedRequest {
     }
     /// As `proto::Request::query_param` (no query and an empty one answer alike).
     fn query_param(&self, name: &str) -> Option<&str> {
-        self.text[self.path_end..].split('&').find_map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k == name).then_some(v)
-        })
+        proto::query_param(&self.text[self.path_end..], name)
     }
     fn content_type(&self) -> Option<&[u8]> {
         self.content_type.as_deref()

@@ -52,6 +52,15 @@ impl Default for Limits {
     }
 }
 
+/// The value of parameter `name` in a query string (`a=1&b=2`), undecoded; a bare `name` is
+/// an empty value.
+pub fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then_some(v)
+    })
+}
+
 /// A complete request, borrowed from its connection's buffer.
 #[derive(Debug)]
 pub struct Request<'a> {
@@ -88,10 +97,7 @@ impl<'a> Request<'a> {
 
     /// The value of query parameter `name`, undecoded.
     pub fn query_param(&self, name: &str) -> Option<&'a str> {
-        self.query()?.split('&').find_map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k == name).then_some(v)
-        })
+        query_param(self.query()?, name)
     }
 
     /// The first header named `name` (case-insensitive).

@@ -225,10 +225,7 @@ mod tests {
         }
         fn query_param(&self, name: &str) -> Option<&str> {
             let (_, query) = self.target.split_once('?')?;
-            query.split('&').find_map(|kv| {
-                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                (k == name).then_some(v)
-            })
+            proto::query_param(query, name)
         }
         fn content_type(&self) -> Option<&[u8]> {
             self.content_type.as_deref()
