@@ -24,7 +24,7 @@
 //!   the same replies (status, index, body, close), except for the known divergences listed
 //!   at [`known_divergence`];
 //! * at the end nothing is owed, and the connection is finished if the input was ended
-//!   (`read_eof`, `timed_out`, `stop_reading`), else finished or still reading.
+//!   (`read_eof`, `handle_timeout` past every read deadline, `stop_reading`), else finished or still reading.
 //!
 //! Parameter bytes: `p[0..3]` max_head / max_target / max_body (small, to reach every limit),
 //! `p[3]` bits 0-2 max_pipeline - 1, bits 3-4 the end action, bits 5-6 both set: the end action
@@ -37,11 +37,12 @@
 
 #![no_main]
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use libfuzzer_sys::fuzz_target;
-use proto::{CommonHeaders, Conn, Limits, ReqId, Response, http_date};
+use proto::{CommonHeaders, Config, Conn, Limits, ReqId, Response, Timeouts, http_date};
 
 const PARAMS: usize = 8;
 
@@ -172,6 +173,25 @@ fn plan(seed: u64, index: usize) -> Plan {
 /// PROTO_FUZZ_STRICT=1: check as if the proto bugs in the README were fixed (use it to test a
 /// fix): streams may close or have a bodiless status, and only the divergences that are not
 /// bugs are tolerated (see [`known_divergence`]).
+/// The time every connection lives at; `later()` is past every read-side deadline. The send
+/// timeout is out of reach: a run's end never aborts output the whole run would have written.
+fn now() -> Instant {
+    static NOW: OnceLock<Instant> = OnceLock::new();
+    *NOW.get_or_init(Instant::now)
+}
+
+fn later() -> Instant {
+    now() + Duration::from_secs(3600)
+}
+
+fn config(limits: Limits) -> Arc<Config> {
+    let timeouts = Timeouts {
+        send: Duration::from_secs(86_400),
+        ..Timeouts::default()
+    };
+    Arc::new(Config { limits, timeouts })
+}
+
 fn strict() -> bool {
     static SET: OnceLock<bool> = OnceLock::new();
     *SET.get_or_init(|| std::env::var_os("PROTO_FUZZ_STRICT").is_some())
@@ -241,7 +261,7 @@ struct Driver<'a> {
 impl<'a> Driver<'a> {
     fn new(params: &'a Params, split: bool) -> Driver<'a> {
         Driver {
-            conn: Conn::new(params.limits),
+            conn: Conn::new(config(params.limits), now()),
             params,
             common: CommonHeaders {
                 server: "fuzz",
@@ -404,7 +424,7 @@ impl<'a> Driver<'a> {
 
     /// Takes output (all of it, or a random part in the split run). Returns bytes taken.
     fn drain(&mut self) -> usize {
-        let out = self.conn.output(&self.common);
+        let out = self.conn.output(&self.common, now());
         if self.finished_at.is_some() {
             assert!(
                 out.is_empty(),
@@ -425,7 +445,7 @@ impl<'a> Driver<'a> {
             );
         }
         self.output.extend_from_slice(&out[..n]);
-        self.conn.written(n);
+        self.conn.written(n, now());
         self.check_finished();
         n
     }
@@ -458,7 +478,7 @@ impl<'a> Driver<'a> {
             self.split,
             String::from_utf8_lossy(&input[*fed..*fed + n])
         );
-        self.conn.filled(n);
+        self.conn.filled(n, now());
         *fed += n;
     }
 
@@ -541,10 +561,13 @@ impl<'a> Driver<'a> {
         match end {
             End::Nothing => {}
             End::ReadEof => self.conn.read_eof(),
-            End::TimedOut => self.conn.timed_out(),
+            End::TimedOut => self.conn.handle_timeout(later()),
             End::StopReading => {
                 self.stop.get_or_insert(self.seen.len());
-                self.conn.stop_reading();
+                self.conn.stop_reading(now());
+                // A connection that has sent nothing yet has a grace to send its first
+                // request: let it pass.
+                self.conn.handle_timeout(now() + Timeouts::default().shutdown_grace);
             }
         }
         end == End::ReadEof
@@ -556,7 +579,7 @@ impl<'a> Driver<'a> {
         let buf = self.conn.read_buf();
         let n = more.len().min(buf.len());
         buf[..n].copy_from_slice(&more[..n]);
-        self.conn.filled(n);
+        self.conn.filled(n, now());
         assert!(
             self.conn.next_request().is_none(),
             "a request after finishing"
@@ -567,8 +590,8 @@ impl<'a> Driver<'a> {
             self.conn.push_chunk(id, b"after finishing");
             self.conn.end_stream(id);
         }
-        self.conn.timed_out();
-        self.conn.stop_reading();
+        self.conn.handle_timeout(later());
+        self.conn.stop_reading(later());
         self.drain();
         assert!(self.conn.is_finished());
         assert_eq!(self.finished_at, Some(self.output.len()));

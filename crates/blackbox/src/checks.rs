@@ -674,6 +674,62 @@ pub fn idle_timeout(bin: &str, args: &[&str]) {
     }
 }
 
+/// At SIGTERM every server applies one policy (proto's): a connection idle between requests is
+/// closed at once; one accepted but silent may still send its first request within the
+/// shutdown grace, is answered, and then closed; one that stays silent is closed when the grace
+/// ends; then the server exits 0. (The reply may still say keep-alive: a prefork worker can
+/// read the request before its own SIGTERM from the master arrives.)
+pub fn sigterm_grace_for_a_fresh_connection(bin: &str, args: &[&str]) {
+    const GRACE: Duration = Duration::from_secs(3);
+    let mut server = Server::start(bin, &with(args, &["--shutdown-grace", "3s"]));
+    let addr = server.addr();
+    let mut idle = Client::connect(addr);
+    assert_hello(&idle.request(GET_HELLO));
+    let mut fresh = Client::connect(addr);
+    let mut silent = Client::connect(addr);
+    // Until the server serves all three: `accepted` counts a connection once a worker has it
+    // (besides these three, the readiness probe and each /stats connection).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for polls in 1.. {
+        let (stats, text) = fetch_stats(addr);
+        let accepted = stats
+            .get("total")
+            .and_then(|t| t.get("accepted"))
+            .and_then(Value::as_u64)
+            .unwrap_or_else(|| panic!("/stats has no total.accepted: {text}"));
+        if accepted >= 4 + polls {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not take all three connections within 10 s: {text}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+
+    server.signal(libc::SIGTERM);
+    if let Err(e) = idle.try_expect_closed(CLOSE_WITHIN) {
+        panic!("at SIGTERM, a connection idle between requests should be closed: {e}");
+    }
+    let signalled = Instant::now();
+    fresh.send(GET_HELLO);
+    fresh.set_timeout(GRACE + CLOSE_WITHIN);
+    assert_hello(&fresh.read_response());
+    if let Err(e) = fresh.try_expect_closed(CLOSE_WITHIN) {
+        panic!("after answering its first request at shutdown, the connection should close: {e}");
+    }
+    if let Err(e) = silent.try_expect_closed(GRACE + CLOSE_WITHIN) {
+        panic!("a connection silent through the shutdown grace should be closed: {e}");
+    }
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the server should exit 0 after the shutdown ({:?} since SIGTERM): {}",
+        signalled.elapsed(),
+        status.map_or("still running".into(), describe_exit)
+    );
+}
+
 /// Out of file descriptors (RLIMIT_NOFILE 64, 100 connections), the server does not spin
 /// (< 0.5 s CPU over 1.5 s) and serves again once the connections are gone.
 pub fn emfile_no_spin(bin: &str, args: &[&str]) {

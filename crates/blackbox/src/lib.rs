@@ -98,6 +98,7 @@ macro_rules! suite {
             emfile_no_spin,
             sigterm_during_load,
             sigint_during_load,
+            sigterm_grace_for_a_fresh_connection,
         );
     };
     ($bin:expr $(,)?) => {

@@ -70,7 +70,7 @@ use nix::unistd::{ForkResult, Pid, fork, getppid};
 use runtime::blocking::{OpenConns, serve};
 use runtime::listener::{AcceptBackoff, is_out_of_resources};
 use runtime::shutdown::STOP_SIGNALS;
-use runtime::{App, EventLoop, Inline, LoopConfig, ServerArgs, Shutdown, Stats, WorkerStats};
+use runtime::{App, EventLoop, Inline, ServeConfig, ServerArgs, Shutdown, Stats, WorkerStats};
 use signal_hook::SigId;
 
 const PATTERN: &str = "prefork";
@@ -96,8 +96,6 @@ const KILL_GRACE: Duration = Duration::from_secs(1);
 
 /// How long a blocking worker waits in accept(2) before looking at its stop flag.
 const ACCEPT_TICK: Duration = Duration::from_millis(100);
-/// How long a stopping blocking worker waits for the request of a connection it accepted late.
-const LATE_REQUEST_WAIT: Duration = Duration::from_secs(1);
 
 /// The signals the master handles.
 const MASTER_SIGNALS: [libc::c_int; 5] = [
@@ -148,7 +146,7 @@ fn main() -> io::Result<()> {
         signals: MasterSignals::install()?,
         setup: WorkerSetup {
             mode: args.mode,
-            config: LoopConfig::new(PATTERN, &args.server),
+            config: ServeConfig::new(PATTERN, &args.server),
             app: App::new(stats.clone()),
             fail_start: args.test_fail_start,
             master: Pid::this(),
@@ -625,7 +623,7 @@ fn master_signal_set() -> SigSet {
 /// What a worker needs, prepared by the master before forking.
 struct WorkerSetup {
     mode: Mode,
-    config: LoopConfig,
+    config: ServeConfig,
     app: App,
     fail_start: Option<(usize, StartFailure)>,
     master: Pid,
@@ -738,20 +736,8 @@ fn serve_blocking(
     let mut backoff = AcceptBackoff::default();
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
-            // Accepted during the tick after the stop: its client is sending a request right
-            // now, which `open` (stopping) would not read. Answer what it sends in the next
-            // second, then close.
-            Ok((stream, _)) if stop.load(Ordering::SeqCst) => {
-                let once = OpenConns::default();
-                let config = LoopConfig {
-                    idle_timeout: LATE_REQUEST_WAIT.min(setup.config.idle_timeout),
-                    ..setup.config.clone()
-                };
-                serve(stream, &config, stats, &once, |req| {
-                    once.stop_reading();
-                    app.handle_inline(req)
-                });
-            }
+            // Accepted during the tick after the stop, too: like every connection that has sent
+            // nothing yet at shutdown, it has the shutdown grace to send its first request.
             Ok((stream, _)) => {
                 backoff.succeeded();
                 serve(stream, &setup.config, stats, &open, |req| {

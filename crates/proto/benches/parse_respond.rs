@@ -10,7 +10,9 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use proto::{CommonHeaders, Conn, Limits, Response, http_date};
+use std::sync::Arc;
+
+use proto::{CommonHeaders, Config, Conn, Response, http_date};
 
 /// What `wrk` sends by default.
 const WRK_GET: &[u8] = b"GET / HTTP/1.1\r\nHost: localhost:8080\r\n\r\n";
@@ -86,7 +88,8 @@ fn scenarios() -> Vec<Scenario> {
 fn serve(conn: &mut Conn, common: &CommonHeaders, input: &[u8], requests: usize) -> usize {
     let buf = conn.read_buf();
     buf[..input.len()].copy_from_slice(input);
-    conn.filled(input.len());
+    let now = Instant::now();
+    conn.filled(input.len(), now);
     let mut seen = 0;
     while let Some(req) = conn.next_request() {
         black_box((req.method, req.target, req.body));
@@ -95,8 +98,10 @@ fn serve(conn: &mut Conn, common: &CommonHeaders, input: &[u8], requests: usize)
         seen += 1;
     }
     debug_assert_eq!(seen, requests);
-    let n = conn.output(common).len();
-    conn.written(n);
+    let n = conn.output(common, now).len();
+    conn.written(n, now);
+    // What a driver does before it waits for the next read: the buffers go back to the pool.
+    conn.release_buffers();
     n
 }
 
@@ -121,7 +126,7 @@ fn measure(s: &Scenario) -> Measured {
         server: "bench",
         date: http_date(1_700_000_000),
     };
-    let mut conn = Conn::new(Limits::default());
+    let mut conn = Conn::new(Arc::new(Config::default()), Instant::now());
     // Warm up, and find how many reads fill a round.
     let mut iters = 1u64;
     let warm_start = Instant::now();

@@ -1,17 +1,20 @@
-//! One HTTP/1.1 connection as a state machine: the caller moves bytes between it and a socket.
+//! One HTTP/1.1 connection as a state machine: the caller moves bytes between it and a socket,
+//! and tells it the time; the connection decides what the bytes mean and when it has waited too
+//! long (quinn-proto's `poll_timeout`/`handle_timeout`), so every driver applies one policy.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
 
 use crate::chunked::Decoder;
 use crate::head::{self, Framing, Head, HeaderPos, Version};
+use crate::pool;
 use crate::response::{self, CommonHeaders, ReplyMeta, Response};
-use crate::{Limits, Request};
+use crate::{Config, Request};
 
-/// The input buffer's first size; it grows for big heads and bodies, and shrinks back when empty.
-const INITIAL_INPUT: usize = 4096;
 /// Never offer the socket less room than this to read into.
 const MIN_READ: usize = 2048;
-/// An emptied buffer larger than this is given back to the allocator.
+/// An emptied output buffer larger than this is compacted or given back to the allocator.
 const SHRINK_ABOVE: usize = 64 * 1024;
 /// Stop reading and parsing while this much output waits for the peer (backpressure).
 pub const OUTPUT_HIGH_WATER: usize = 256 * 1024;
@@ -41,7 +44,7 @@ enum BodyProgress {
 
 /// A reply slot, in request order.
 #[derive(Debug)]
-struct Slot {
+pub(crate) struct Slot {
     meta: ReplyMeta,
     state: SlotState,
     /// Chunks of a streamed reply that arrived before the slot reached the front, already framed.
@@ -59,20 +62,24 @@ enum SlotState {
     Streaming,
 }
 
-/// One connection's protocol state: its input buffer, the replies it owes in order, and the
-/// bytes waiting to be written.
+/// One connection's protocol state: its input buffer, the replies it owes in order, the bytes
+/// waiting to be written, and the clock readings its timeouts run from.
 #[derive(Debug)]
 pub struct Conn {
-    limits: Limits,
+    config: Arc<Config>,
+    /// Lent by the thread's pool while bytes are in flight; empty (no allocation) while idle.
     input: Vec<u8>,
     /// Unconsumed input is `input[start..end]`; the rest of `input` is room to read into.
     start: usize,
     end: usize,
     reading: Reading,
+    /// Where the headers of the last parsed head are; lent with `input`.
     positions: Vec<HeaderPos>,
+    /// Replies owed, in request order; lent by the pool while any are owed.
     slots: VecDeque<Slot>,
     /// The id of `slots[0]`; ids count up from there.
     first_id: u64,
+    /// Encoded output; lent by the pool while any waits to be written.
     out: Vec<u8>,
     out_pos: usize,
     /// A reply that ends the connection has been written (or the stream is over): write nothing more.
@@ -86,21 +93,45 @@ pub struct Conn {
     head_scanned: usize,
     /// Shutdown asked for no further requests: the one partly received is still finished.
     stopping: bool,
+    /// Closed at once, nothing more to write: the peer stopped reading for too long.
+    aborted: bool,
     /// Body bytes of replies filed but not yet encoded (waiting behind an earlier reply, or
     /// for the socket to take more): they count toward backpressure as much as `out` does.
     queued: usize,
+    clock: Clock,
+}
+
+/// The readings the timeouts run from. Which deadline applies depends on what the connection
+/// is doing; [`Conn::poll_timeout`] picks it.
+#[derive(Debug)]
+struct Clock {
+    /// Idle: since the last reply went out (or the accept). A head partly received: since its
+    /// first byte (not its last: a client trickling a header line every second is still cut
+    /// off, which is what stops slowloris). A body: since it last made progress.
+    read_since: Instant,
+    /// When the last read brought bytes.
+    last_fill: Instant,
+    /// Output waiting for the peer: since the socket last took some.
+    send_since: Option<Instant>,
+    /// At shutdown, until when a connection that has sent nothing yet may send its request.
+    grace_until: Option<Instant>,
+    /// Lingering close: until when input is drained and dropped; `Some` once lingering began.
+    linger_until: Option<Instant>,
+    /// The lingering is over (the peer closed, or the time ran out).
+    linger_done: bool,
 }
 
 impl Conn {
-    pub fn new(limits: Limits) -> Conn {
+    /// A connection accepted at `now`. It holds no buffer until bytes arrive.
+    pub fn new(config: Arc<Config>, now: Instant) -> Conn {
         Conn {
-            limits,
-            input: vec![0; INITIAL_INPUT],
+            config,
+            input: Vec::new(),
             start: 0,
             end: 0,
             reading: Reading::Head,
-            positions: Vec::with_capacity(head::MAX_HEADERS),
-            slots: VecDeque::with_capacity(4),
+            positions: Vec::new(),
+            slots: VecDeque::new(),
             first_id: 0,
             out: Vec::new(),
             out_pos: 0,
@@ -110,7 +141,16 @@ impl Conn {
             failed: false,
             head_scanned: 0,
             stopping: false,
+            aborted: false,
             queued: 0,
+            clock: Clock {
+                read_since: now,
+                last_fill: now,
+                send_since: None,
+                grace_until: None,
+                linger_until: None,
+                linger_done: false,
+            },
         }
     }
 
@@ -118,12 +158,13 @@ impl Conn {
 
     /// Room to read into; report how much was read with [`Conn::filled`].
     pub fn read_buf(&mut self) -> &mut [u8] {
-        if self.start == self.end {
+        if self.input.is_empty() {
+            (self.input, self.positions) = pool::take_input();
             self.start = 0;
             self.end = 0;
-            if self.input.len() > SHRINK_ABOVE && matches!(self.reading, Reading::Head) {
-                self.input = vec![0; INITIAL_INPUT];
-            }
+        } else if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
         }
         if self.input.len() - self.end < MIN_READ {
             if self.start > 0 {
@@ -140,16 +181,37 @@ impl Conn {
         &mut self.input[self.end..]
     }
 
-    /// `n` bytes were read into the buffer [`Conn::read_buf`] gave.
-    pub fn filled(&mut self, n: usize) {
+    /// `n` bytes were read at `now` into the buffer [`Conn::read_buf`] gave.
+    pub fn filled(&mut self, n: usize, now: Instant) {
+        if self.clock.linger_until.is_some() {
+            // Lingering: what the peer still sends is read only to be dropped.
+            self.start = self.end;
+            return;
+        }
+        let head_was_partial = self.has_partial_request();
         self.end += n;
         debug_assert!(self.end <= self.input.len());
+        if n == 0 {
+            return;
+        }
+        self.clock.last_fill = now;
+        match self.reading {
+            Reading::Body(..) => self.clock.read_since = now,
+            // A head's clock starts at its first byte; blank lines before it are no activity.
+            Reading::Head if !head_was_partial && self.has_partial_request() => {
+                self.clock.read_since = now;
+            }
+            _ => {}
+        }
     }
 
     /// The peer will send nothing more. Replies already owed are still written.
     pub fn read_eof(&mut self) {
         self.eof = true;
         self.reading = Reading::Stopped;
+        if self.clock.linger_until.is_some() {
+            self.clock.linger_done = true;
+        }
     }
 
     /// Offsets inside a body in progress are relative to `start` except the decoder's.
@@ -165,7 +227,9 @@ impl Conn {
     /// The next complete request, if one is buffered and the connection may take it now.
     /// A malformed request queues its error reply and stops the reading.
     pub fn next_request(&mut self) -> Option<Request<'_>> {
-        if self.slots.len() >= self.limits.max_pipeline || self.backlog() >= OUTPUT_HIGH_WATER {
+        if self.slots.len() >= self.config.limits.max_pipeline
+            || self.backlog() >= OUTPUT_HIGH_WATER
+        {
             return None;
         }
         match self.advance_reader() {
@@ -192,17 +256,19 @@ impl Conn {
         };
         self.start += consumed;
         self.continue_sent = false;
+        // A pipelined head already begun behind this request started when its bytes came.
+        self.clock.read_since = self.clock.last_fill;
         let keep_alive = head.keep_alive && !self.stopping;
         if !keep_alive {
             self.reading = Reading::Stopped;
         }
-        let method = slice_str(&self.input[base..], head.method);
+        let head_only = slice_str(&self.input[base..], head.method) == "HEAD";
         let meta = ReplyMeta {
-            head_only: method == "HEAD",
+            head_only,
             keep_alive,
             http10: head.version == Version::Http10,
         };
-        self.slots.push_back(Slot {
+        self.push_slot(Slot {
             meta,
             state: SlotState::Waiting,
             early: Vec::new(),
@@ -211,7 +277,7 @@ impl Conn {
         let id = ReqId(self.first_id + self.slots.len() as u64 - 1);
         Some(Request {
             id,
-            method,
+            method: slice_str(&self.input[base..], head.method),
             target: slice_str(&self.input[base..], head.target),
             version: head.version,
             keep_alive,
@@ -219,6 +285,13 @@ impl Conn {
             headers: &self.positions,
             body: &self.input[body.0..body.1],
         })
+    }
+
+    fn push_slot(&mut self, slot: Slot) {
+        if self.slots.capacity() == 0 {
+            self.slots = pool::take_queue();
+        }
+        self.slots.push_back(slot);
     }
 
     /// Moves the reader forward over what is buffered. `Ok(true)`: a whole request is ready.
@@ -244,7 +317,7 @@ impl Conn {
                     }
                     let data = &self.input[self.start..self.end];
                     let fresh = &data[self.head_scanned.min(data.len())..];
-                    let limits = &self.limits;
+                    let limits = &self.config.limits;
                     let over_limit = data.len() > limits.max_head
                         || (data.len() > limits.max_target + 64
                             && memchr::memchr(b'\n', data).is_none());
@@ -252,7 +325,7 @@ impl Conn {
                         self.head_scanned = data.len();
                         return Ok(false);
                     }
-                    let Some(head) = head::parse(data, &self.limits, &mut self.positions)? else {
+                    let Some(head) = head::parse(data, limits, &mut self.positions)? else {
                         self.head_scanned = data.len();
                         return Ok(false);
                     };
@@ -273,12 +346,12 @@ impl Conn {
                 }
                 Reading::Body(head, BodyProgress::Chunked(decoder)) => {
                     let body_start = self.start + head.len;
-                    let max_trailers = self.limits.max_head;
+                    let limits = &self.config.limits;
                     return decoder.decode(
                         &mut self.input[..self.end],
                         body_start,
-                        self.limits.max_body,
-                        max_trailers,
+                        limits.max_body,
+                        limits.max_head,
                     );
                 }
             }
@@ -297,21 +370,12 @@ impl Conn {
         };
         let reply = Response::error(status);
         self.queued += reply.body.len();
-        self.slots.push_back(Slot {
+        self.push_slot(Slot {
             meta,
             state: SlotState::Ready(reply),
             early: Vec::new(),
             ended: false,
         });
-    }
-
-    /// Answers a request that has stopped waiting: a timeout while its head or body trickled in.
-    pub fn timed_out(&mut self) {
-        if self.has_partial_request() {
-            self.fail(408);
-        } else {
-            self.reading = Reading::Stopped;
-        }
     }
 
     // ---- replies -------------------------------------------------------------------------
@@ -336,15 +400,19 @@ impl Conn {
     pub fn push_chunk(&mut self, id: ReqId, data: &[u8]) {
         let at_front = id.0 == self.first_id;
         let out_closed = self.out_closed;
-        let Some(slot) = self.index(id).map(|i| &mut self.slots[i]) else {
+        let Some(i) = self.index(id) else {
             return;
         };
+        let slot = &mut self.slots[i];
         if slot.ended {
             return;
         }
         match slot.state {
             SlotState::Streaming if at_front && !out_closed => {
                 let meta = slot.meta;
+                if self.out.capacity() == 0 {
+                    self.out = pool::take_output();
+                }
                 response::encode_chunk(&mut self.out, data, meta);
             }
             SlotState::Ready(ref r) if r.is_stream() => {
@@ -359,13 +427,17 @@ impl Conn {
 
     /// The streamed body of request `id` is complete.
     pub fn end_stream(&mut self, id: ReqId) {
-        let Some(slot) = self.slot(id) else { return };
+        let Some(i) = self.index(id) else { return };
+        let slot = &mut self.slots[i];
         slot.ended = true;
         if matches!(slot.state, SlotState::Streaming) {
             let meta = slot.meta;
             self.slots.pop_front();
             self.first_id += 1;
             if !self.out_closed {
+                if self.out.capacity() == 0 {
+                    self.out = pool::take_output();
+                }
                 response::encode_stream_end(&mut self.out, meta);
                 if meta.http10 || !meta.keep_alive {
                     self.close_output();
@@ -380,16 +452,15 @@ impl Conn {
         (index < self.slots.len()).then_some(index)
     }
 
-    fn slot(&mut self, id: ReqId) -> Option<&mut Slot> {
-        self.index(id).map(|i| &mut self.slots[i])
-    }
-
     // ---- output --------------------------------------------------------------------------
 
     /// Encodes every reply that is ready in order, and returns all the bytes waiting to be
     /// written. Report what the socket took with [`Conn::written`].
-    pub fn output(&mut self, common: &CommonHeaders) -> &[u8] {
+    pub fn output(&mut self, common: &CommonHeaders, now: Instant) -> &[u8] {
         self.encode_ready(common);
+        if self.unsent() > 0 && self.clock.send_since.is_none() {
+            self.clock.send_since = Some(now);
+        }
         &self.out[self.out_pos..]
     }
 
@@ -405,6 +476,9 @@ impl Conn {
             else {
                 unreachable!()
             };
+            if self.out.capacity() == 0 {
+                self.out = pool::take_output();
+            }
             if self.out_pos > SHRINK_ABOVE {
                 self.out.drain(..self.out_pos);
                 self.out_pos = 0;
@@ -439,6 +513,9 @@ impl Conn {
             && self.slots.is_empty()
             && !self.out_closed
         {
+            if self.out.capacity() == 0 {
+                self.out = pool::take_output();
+            }
             self.out.extend_from_slice(CONTINUE);
             self.continue_sent = true;
         }
@@ -452,16 +529,124 @@ impl Conn {
         self.queued = 0;
     }
 
-    /// The socket took `n` bytes of [`Conn::output`].
-    pub fn written(&mut self, n: usize) {
+    /// The socket took `n` bytes of [`Conn::output`] at `now`.
+    pub fn written(&mut self, n: usize, now: Instant) {
         self.out_pos += n;
         debug_assert!(self.out_pos <= self.out.len());
+        if n > 0 {
+            self.clock.send_since = Some(now);
+        }
         if self.out_pos == self.out.len() {
-            self.out.clear();
             self.out_pos = 0;
-            if self.out.capacity() > SHRINK_ABOVE {
-                self.out = Vec::new();
+            pool::give_output(std::mem::take(&mut self.out));
+            self.clock.send_since = None;
+            if self.slots.is_empty() && !self.has_partial_request() {
+                // Everything owed went out: the connection is idle from now.
+                self.clock.read_since = now;
             }
+        }
+    }
+
+    /// Gives the buffers this connection is not using back to the thread's pool: call it when
+    /// the connection goes back to waiting, so that an idle connection holds none.
+    pub fn release_buffers(&mut self) {
+        let reading_head = matches!(self.reading, Reading::Head | Reading::Stopped);
+        if self.start == self.end && reading_head && !self.input.is_empty() {
+            pool::give_input(
+                std::mem::take(&mut self.input),
+                std::mem::take(&mut self.positions),
+            );
+            self.start = 0;
+            self.end = 0;
+            self.head_scanned = 0;
+        }
+        if self.slots.is_empty() && self.slots.capacity() > 0 {
+            pool::give_queue(std::mem::take(&mut self.slots));
+        }
+        if self.unsent() == 0 && self.out.capacity() > 0 {
+            self.out_pos = 0;
+            pool::give_output(std::mem::take(&mut self.out));
+        }
+    }
+
+    // ---- time ----------------------------------------------------------------------------
+
+    /// When this connection next needs [`Conn::handle_timeout`], or `None` if no deadline of
+    /// the protocol applies (a handler is still working on the request: the application
+    /// bounds that). The policy, the same for every driver:
+    /// - a head must arrive whole within `header` of its first byte (408);
+    /// - a body must make progress at least every `body` (408);
+    /// - an idle keep-alive connection is closed after `idle`;
+    /// - a peer that takes none of our output for `send` is closed;
+    /// - at shutdown, a connection that has sent nothing yet gets `shutdown_grace` to send
+    ///   its first request (the kernel accepted it on our behalf);
+    /// - a lingering close drains the peer's input for at most `linger`.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let t = &self.config.timeouts;
+        let c = &self.clock;
+        if let Some(until) = c.linger_until {
+            return (!c.linger_done).then_some(until);
+        }
+        if self.is_finished() {
+            return None;
+        }
+        let send = c
+            .send_since
+            .filter(|_| self.unsent() > 0)
+            .map(|s| s + t.send);
+        let read = match self.reading {
+            Reading::Stopped => None,
+            Reading::Body(..) => Some(c.read_since + t.body),
+            Reading::Head if self.has_partial_request() => Some(c.read_since + t.header),
+            Reading::Head if self.slots.is_empty() && self.unsent() == 0 => {
+                let idle = c.read_since + t.idle;
+                Some(c.grace_until.map_or(idle, |g| g.min(idle)))
+            }
+            // Waiting for a handler; the next head has not begun.
+            Reading::Head => None,
+        };
+        match (send, read) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Applies whichever deadline of [`Conn::poll_timeout`] has passed by `now`: a request cut
+    /// short gets 408 and the connection closes after it; an idle connection, or one whose peer
+    /// stopped reading, is finished. Nothing happens if no deadline has passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let t = self.config.timeouts;
+        if let Some(until) = self.clock.linger_until {
+            self.clock.linger_done |= now >= until;
+            return;
+        }
+        let c = &self.clock;
+        if self.unsent() > 0 && c.send_since.is_some_and(|s| now >= s + t.send) {
+            // The peer stopped reading: nothing more can reach it.
+            self.aborted = true;
+            self.close_output();
+            self.out_pos = 0;
+            pool::give_output(std::mem::take(&mut self.out));
+            self.clock.send_since = None;
+            return;
+        }
+        let (since, grace) = (c.read_since, c.grace_until);
+        match self.reading {
+            Reading::Stopped => {}
+            Reading::Body(..) if now >= since + t.body => self.fail(408),
+            Reading::Head if self.has_partial_request() && now >= since + t.header => {
+                self.fail(408);
+            }
+            // A partial head whose time has not come must not fall through to the idle rule.
+            Reading::Head if self.has_partial_request() => {}
+            Reading::Head
+                if self.slots.is_empty()
+                    && self.unsent() == 0
+                    && (now >= since + t.idle || grace.is_some_and(|g| now >= g)) =>
+            {
+                self.reading = Reading::Stopped;
+            }
+            _ => {}
         }
     }
 
@@ -478,21 +663,30 @@ impl Conn {
     }
 
     /// Whether reading more input now would be useful: false once reading has stopped, and
-    /// while replies back up (too many owed, or too many reply bytes held).
+    /// while replies back up (too many owed, or too many reply bytes held). True while
+    /// lingering: input is drained and dropped.
     pub fn wants_read(&self) -> bool {
+        if self.clock.linger_until.is_some() {
+            return !self.clock.linger_done;
+        }
         !matches!(self.reading, Reading::Stopped)
-            && self.slots.len() < self.limits.max_pipeline
+            && self.slots.len() < self.config.limits.max_pipeline
             && self.backlog() < OUTPUT_HIGH_WATER
     }
 
-    /// Everything owed has been written and no more requests will be read: close the socket.
+    /// Nothing more will be read or written: close the socket (after lingering, if
+    /// [`Conn::should_linger`] says so).
     pub fn is_finished(&self) -> bool {
-        self.unsent() == 0
-            && (self.out_closed
-                || (matches!(self.reading, Reading::Stopped) && self.slots.is_empty()))
+        if self.clock.linger_until.is_some() {
+            return self.clock.linger_done;
+        }
+        self.aborted
+            || (self.unsent() == 0
+                && (self.out_closed
+                    || (matches!(self.reading, Reading::Stopped) && self.slots.is_empty())))
     }
 
-    /// Part of a request has arrived but not all of it: the header timeout applies.
+    /// Part of a request has arrived but not all of it.
     pub fn has_partial_request(&self) -> bool {
         match self.reading {
             Reading::Body(..) => true,
@@ -503,16 +697,20 @@ impl Conn {
         }
     }
 
-    /// Part of a body has arrived but not all of it.
-    pub fn reading_body(&self) -> bool {
-        matches!(self.reading, Reading::Body(..))
-    }
-
-    /// Read no further requests (shutdown). A request partly received is still read and
-    /// answered; the last reply says `Connection: close`; then the connection is finished.
-    pub fn stop_reading(&mut self) {
+    /// Read no further requests (shutdown), as of `now`. A request partly received is still
+    /// read and answered, and a connection that has sent nothing yet may still send its first
+    /// request within the shutdown grace; the last reply says `Connection: close`; then the
+    /// connection is finished. Calling it again changes nothing.
+    pub fn stop_reading(&mut self, now: Instant) {
+        if self.stopping {
+            return;
+        }
         self.stopping = true;
         if self.has_partial_request() {
+            return;
+        }
+        if self.requests_read() == 0 && matches!(self.reading, Reading::Head) {
+            self.clock.grace_until = Some(now + self.config.timeouts.shutdown_grace);
             return;
         }
         self.reading = Reading::Stopped;
@@ -521,21 +719,31 @@ impl Conn {
         }
     }
 
-    /// Requests are being handled or replies are being written.
-    pub fn is_busy(&self) -> bool {
-        !self.slots.is_empty() || self.unsent() > 0
-    }
-
     /// Closing now could reset the connection and destroy the last reply in flight: the peer
     /// sent bytes that will never be read, or may still be sending the body of a rejected
-    /// request. The caller should shut down its sending side and drain input for a while first.
+    /// request. The caller should shut down its sending side, then call [`Conn::begin_linger`].
     pub fn should_linger(&self) -> bool {
-        !self.eof && (self.failed || self.start < self.end)
+        self.clock.linger_until.is_none()
+            && !self.eof
+            && !self.aborted
+            && (self.failed || self.start < self.end)
     }
 
-    /// The peer closed its sending side.
-    pub fn saw_eof(&self) -> bool {
-        self.eof
+    /// The caller has shut down its sending side: from now on input is read and dropped until
+    /// the peer closes or `linger` passes, and then the connection is finished (nginx's
+    /// lingering close).
+    pub fn begin_linger(&mut self, now: Instant) {
+        self.clock.linger_until = Some(now + self.config.timeouts.linger);
+        self.start = self.end;
+    }
+
+    /// Heap bytes this connection holds in buffers (its input, output and reply queue): none
+    /// once it is idle and has called [`Conn::release_buffers`].
+    pub fn buffer_bytes(&self) -> usize {
+        self.input.capacity()
+            + self.positions.capacity() * size_of::<HeaderPos>()
+            + self.out.capacity()
+            + self.slots.capacity() * size_of::<Slot>()
     }
 
     /// Requests read on this connection so far (handed out by [`Conn::next_request`]).

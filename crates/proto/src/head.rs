@@ -89,6 +89,11 @@ pub(crate) fn parse(
     } else {
         Version::Http11
     };
+    // RFC 3986 / RFC 9112 3.2: a target is visible ASCII (non-ASCII is percent-encoded).
+    // httparse lets raw bytes above 0x7F through; they are never routed.
+    if target.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+        return Err(400);
+    }
     check_target_form(method, target)?;
 
     let base = buf.as_ptr() as usize;

@@ -14,12 +14,21 @@
 //! * Bodies: Content-Length or chunked (extensions and trailers checked, then dropped).
 //! * Every bad input gets a status and a close, never a panic: 400 malformed, 413/414/431 over a
 //!   [`Limits`] bound, 501 an unknown transfer coding, 505 an unsupported version.
+//! * Time is an argument: the caller says when bytes came and went, asks [`Conn::poll_timeout`]
+//!   when to look again, and calls [`Conn::handle_timeout`] then. The [`Timeouts`] policy
+//!   (slow heads, stalled bodies, idle keep-alive, a peer that stops reading, the shutdown
+//!   grace, lingering close) lives here once, for every driver.
+//! * An idle connection holds no buffer: [`Conn::release_buffers`] lends them back to the
+//!   thread's pool until bytes flow again.
 
 mod chunked;
 mod conn;
 mod date;
 mod head;
+mod pool;
 mod response;
+
+use std::time::Duration;
 
 pub use conn::{Conn, OUTPUT_HIGH_WATER, ReqId};
 pub use date::{HTTP_DATE_LEN, http_date};
@@ -27,6 +36,44 @@ pub use head::{MAX_HEADERS, Version};
 pub use response::{Body, CommonHeaders, Response, reason};
 
 use head::HeaderPos;
+
+/// What every connection of a server shares: its limits and its timeouts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Config {
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+}
+
+/// How long a connection may wait at each step (see [`Conn::poll_timeout`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// A request head must arrive whole within this of its first byte (408).
+    pub header: Duration,
+    /// A request body must make progress at least this often (408).
+    pub body: Duration,
+    /// A keep-alive connection with nothing to do is closed after this.
+    pub idle: Duration,
+    /// A peer that takes none of our output for this long is closed.
+    pub send: Duration,
+    /// At shutdown, how long a connection that has sent nothing yet may take to send its
+    /// first request.
+    pub shutdown_grace: Duration,
+    /// How long a closing connection drains what its peer still sends (lingering close).
+    pub linger: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            header: Duration::from_secs(10),
+            body: Duration::from_secs(60),
+            idle: Duration::from_secs(60),
+            send: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(1),
+            linger: Duration::from_secs(2),
+        }
+    }
+}
 
 /// Bounds on what one request may make the server buffer.
 #[derive(Clone, Copy, Debug)]

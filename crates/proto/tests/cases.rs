@@ -4,7 +4,7 @@
 mod common;
 
 use common::{Outcome, run};
-use proto::Limits;
+use proto::{Conn, Limits};
 
 const SECOND: &[u8] = b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n";
 
@@ -231,9 +231,28 @@ fn malformed_request_lines_are_400() {
             "bare CR before request",
             b"\rGET / HTTP/1.1\r\nHost: a\r\n\r\n",
         ),
+        // RFC 3986: a target is URI characters; a client percent-encodes anything else.
+        (
+            "raw UTF-8 in target",
+            "GET /café HTTP/1.1\r\nHost: a\r\n\r\n".as_bytes(),
+        ),
+        ("DEL in target", b"GET /a\x7fb HTTP/1.1\r\nHost: a\r\n\r\n"),
+        (
+            "control in target",
+            b"GET /a\x01b HTTP/1.1\r\nHost: a\r\n\r\n",
+        ),
     ] {
         check(name, input, Expect::Err(400));
     }
+}
+
+#[test]
+fn percent_encoded_and_reserved_characters_in_targets_are_routed() {
+    check(
+        "percent-encoded UTF-8",
+        b"GET /caf%C3%A9?q=a%20b&x=[1]:@!$'()*+,;= HTTP/1.1\r\nHost: a\r\n\r\n",
+        Expect::Ok(&[("GET", "/caf%C3%A9?q=a%20b&x=[1]:@!$'()*+,;=", b"")]),
+    );
 }
 
 #[test]
@@ -401,12 +420,12 @@ fn eof_mid_request_finishes_quietly() {
 
 #[test]
 fn request_path_and_query() {
-    use proto::{Conn, Limits};
-    let mut conn = Conn::new(Limits::default());
+    use proto::Limits;
+    let mut conn = common::conn_with(Limits::default());
     let input = b"GET http://example.com:8080/a/b?x=1&y=2#frag HTTP/1.1\r\nHost: example.com\r\n\r\nGET /c?us=5 HTTP/1.1\r\nHost: a\r\n\r\nOPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n";
     let buf = conn.read_buf();
     buf[..input.len()].copy_from_slice(input);
-    conn.filled(input.len());
+    conn.filled(input.len(), common::t0());
     let r = conn.next_request().unwrap();
     assert_eq!(
         (r.path(), r.query(), r.query_param("y")),
@@ -425,21 +444,21 @@ fn request_path_and_query() {
 /// read and answered, with `Connection: close`, and then the connection is finished.
 #[test]
 fn stop_reading_finishes_the_request_in_progress() {
-    use proto::{Conn, Limits, Response};
+    use proto::{Limits, Response};
     let feed = |conn: &mut Conn, bytes: &[u8]| {
         conn.read_buf()[..bytes.len()].copy_from_slice(bytes);
-        conn.filled(bytes.len());
+        conn.filled(bytes.len(), common::t0());
     };
     let common = common::common();
 
     // Mid-body: finished, then closed.
-    let mut conn = Conn::new(Limits::default());
+    let mut conn = common::conn_with(Limits::default());
     feed(
         &mut conn,
         b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello",
     );
     assert!(conn.next_request().is_none());
-    conn.stop_reading();
+    conn.stop_reading(common::t0());
     assert!(conn.wants_read(), "the rest of the body must still be read");
     feed(&mut conn, b"world");
     let req = conn
@@ -448,23 +467,23 @@ fn stop_reading_finishes_the_request_in_progress() {
     assert_eq!(req.body, b"helloworld");
     let id = req.id;
     conn.respond(id, Response::text(200, "ok"));
-    let out = String::from_utf8_lossy(conn.output(&common)).into_owned();
+    let out = String::from_utf8_lossy(conn.output(&common, common::t0())).into_owned();
     assert!(out.contains("Connection: close\r\n"), "{out}");
     let n = out.len();
-    conn.written(n);
+    conn.written(n, common::t0());
     assert!(conn.is_finished() && !conn.wants_read());
 
     // Between requests, with a reply still owed: no more reading; the owed reply closes.
-    let mut conn = Conn::new(Limits::default());
+    let mut conn = common::conn_with(Limits::default());
     feed(&mut conn, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
     let id = conn.next_request().unwrap().id;
-    conn.stop_reading();
+    conn.stop_reading(common::t0());
     assert!(!conn.wants_read() && !conn.is_finished());
     conn.respond(id, Response::text(200, "ok"));
-    let out = String::from_utf8_lossy(conn.output(&common)).into_owned();
+    let out = String::from_utf8_lossy(conn.output(&common, common::t0())).into_owned();
     assert!(out.contains("Connection: close\r\n"), "{out}");
     let n = out.len();
-    conn.written(n);
+    conn.written(n, common::t0());
     assert!(conn.is_finished());
 }
 
@@ -472,7 +491,7 @@ fn stop_reading_finishes_the_request_in_progress() {
 /// connection stops handing out requests once about 256 KiB of replies are held, not after 64.
 #[test]
 fn replies_waiting_for_the_socket_stop_the_reading() {
-    use proto::{Conn, Limits, OUTPUT_HIGH_WATER, Response};
+    use proto::{Limits, OUTPUT_HIGH_WATER, Response};
     let body = vec![b'x'; 100 * 1024];
     let request = [
         format!(
@@ -483,7 +502,7 @@ fn replies_waiting_for_the_socket_stop_the_reading() {
         &body,
     ]
     .concat();
-    let mut conn = Conn::new(Limits::default());
+    let mut conn = common::conn_with(Limits::default());
     let mut served = 0;
     for _ in 0..64 {
         if !conn.wants_read() {
@@ -492,13 +511,13 @@ fn replies_waiting_for_the_socket_stop_the_reading() {
         let buf = conn.read_buf();
         let n = request.len().min(buf.len());
         buf[..n].copy_from_slice(&request[..n]);
-        conn.filled(n);
+        conn.filled(n, common::t0());
         let mut rest = &request[n..];
         while !rest.is_empty() {
             let buf = conn.read_buf();
             let n = rest.len().min(buf.len());
             buf[..n].copy_from_slice(&rest[..n]);
-            conn.filled(n);
+            conn.filled(n, common::t0());
             rest = &rest[n..];
         }
         // The socket is never writable: nothing is encoded or written.
@@ -515,8 +534,8 @@ fn replies_waiting_for_the_socket_stop_the_reading() {
     );
     assert!(conn.backlog() >= OUTPUT_HIGH_WATER);
     // Once the peer reads, the backlog drains and reading resumes.
-    let n = conn.output(&common::common()).len();
-    conn.written(n);
+    let n = conn.output(&common::common(), common::t0()).len();
+    conn.written(n, common::t0());
     assert_eq!(conn.backlog(), 0);
     assert!(conn.wants_read());
 }
@@ -548,40 +567,39 @@ fn a_long_method_is_not_a_long_target() {
 fn a_bad_version_cannot_grow_the_head_without_bound() {
     // Each read ends in a space and no newline comes, so the "version" never looks finished:
     // the head limit (1024 in limits()) must still end it.
-    use proto::Conn;
-    let mut conn = Conn::new(limits());
+    let mut conn = common::conn_with(limits());
     let mut fed = 0;
     let mut piece: &[u8] = b"GET / HTTP/X ";
     while conn.wants_read() && fed < 64 * 1024 {
         conn.read_buf()[..piece.len()].copy_from_slice(piece);
-        conn.filled(piece.len());
+        conn.filled(piece.len(), common::t0());
         fed += piece.len();
         assert!(conn.next_request().is_none());
         piece = b"y ";
     }
     assert!(fed < 2048, "read {fed} bytes of a head limited to 1024");
-    let out = String::from_utf8_lossy(conn.output(&common::common())).into_owned();
+    let out = String::from_utf8_lossy(conn.output(&common::common(), common::t0())).into_owned();
     assert!(out.starts_with("HTTP/1.1 4"), "{out}");
 }
 
 #[test]
 fn streams_obey_close_and_bodiless_statuses() {
-    use proto::{Conn, Limits, Response};
+    use proto::{Limits, Response};
     let common = common::common();
     let feed = |conn: &mut Conn, bytes: &[u8]| {
         conn.read_buf()[..bytes.len()].copy_from_slice(bytes);
-        conn.filled(bytes.len());
+        conn.filled(bytes.len(), common::t0());
     };
 
     // A streamed reply that says `Connection: close` ends the connection when it ends.
-    let mut conn = Conn::new(Limits::default());
+    let mut conn = common::conn_with(Limits::default());
     feed(&mut conn, b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n");
     let id = conn.next_request().unwrap().id;
     let mut head = Response::stream(200, "text/plain");
     head.close = true;
     conn.respond(id, head);
-    let n = conn.output(&common).len();
-    conn.written(n);
+    let n = conn.output(&common, common::t0()).len();
+    conn.written(n, common::t0());
     feed(&mut conn, b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n");
     assert!(
         conn.next_request().is_none(),
@@ -589,14 +607,14 @@ fn streams_obey_close_and_bodiless_statuses() {
     );
     conn.push_chunk(id, b"data");
     conn.end_stream(id);
-    let out = String::from_utf8_lossy(conn.output(&common)).into_owned();
+    let out = String::from_utf8_lossy(conn.output(&common, common::t0())).into_owned();
     assert_eq!(out, "4\r\ndata\r\n0\r\n\r\n");
     let n = out.len();
-    conn.written(n);
+    conn.written(n, common::t0());
     assert!(conn.is_finished());
 
     // A 204 has no body: no chunked coding, and its chunks are dropped.
-    let mut conn = Conn::new(Limits::default());
+    let mut conn = common::conn_with(Limits::default());
     feed(
         &mut conn,
         b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n",
@@ -607,7 +625,7 @@ fn streams_obey_close_and_bodiless_statuses() {
     conn.push_chunk(first, b"ignored");
     conn.end_stream(first);
     conn.respond(second, Response::text(200, "ok"));
-    let out = String::from_utf8_lossy(conn.output(&common)).into_owned();
+    let out = String::from_utf8_lossy(conn.output(&common, common::t0())).into_owned();
     assert!(
         !out.contains("Transfer-Encoding") && !out.contains("ignored"),
         "{out}"
@@ -620,15 +638,15 @@ fn streams_obey_close_and_bodiless_statuses() {
 
 #[test]
 fn request_keep_alive_reflects_a_shutdown() {
-    use proto::{Conn, Limits};
-    let mut conn = Conn::new(Limits::default());
+    use proto::Limits;
+    let mut conn = common::conn_with(Limits::default());
     let input = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nh";
     conn.read_buf()[..input.len()].copy_from_slice(input);
-    conn.filled(input.len());
+    conn.filled(input.len(), common::t0());
     assert!(conn.next_request().is_none());
-    conn.stop_reading();
+    conn.stop_reading(common::t0());
     conn.read_buf()[0] = b'i';
-    conn.filled(1);
+    conn.filled(1, common::t0());
     let req = conn.next_request().unwrap();
     assert!(!req.keep_alive);
 }

@@ -38,6 +38,12 @@ const POLICY: &[(&str, &str)] = &[
         "valid/rfc9112_smuggle_te_identity_chunked_01.http",
         "identity before chunked: 501",
     ),
+    // RFC 3986 and RFC 9112 3.2: a request-target holds only the URI's characters; anything
+    // else is percent-encoded by a client.
+    (
+        "valid/027.http",
+        "raw UTF-8 bytes in the target are not URI characters: 400, never routed",
+    ),
     // gunicorn options this project does not offer.
     (
         "valid/pp_01.http",

@@ -1,38 +1,39 @@
 //! The `GET /` hot path allocates nothing per request once a connection is warm: a counting
 //! global allocator watches the loop a server runs for every read.
 //!
-//! Only allocations made on a thread inside [`counted`] are counted, so the test harness and
-//! tests running in parallel cannot disturb a measurement.
+//! Only allocations made on a thread inside [`counted`] are counted, and each thread keeps its
+//! own count, so the test harness and tests running in parallel cannot disturb a measurement.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
-use proto::{CommonHeaders, Conn, Limits, Response, http_date};
+use std::sync::Arc;
+
+use proto::{CommonHeaders, Config, Conn, Response, http_date};
 
 struct Counting;
 
-/// Allocations and reallocations made while some thread was counting.
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
 thread_local! {
-    /// Whether this thread's allocations count. Const-initialised, so reading it never allocates.
+    /// Whether this thread's allocations count, and how many it made while they did.
+    /// Const-initialised, so touching them never allocates.
     static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
 }
 
 fn note() {
     if COUNTING.with(Cell::get) {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        ALLOCS.with(|n| n.set(n.get() + 1));
     }
 }
 
 /// Runs `f` and returns its result with the number of allocations it made on this thread.
 fn counted<T>(f: impl FnOnce() -> T) -> (T, u64) {
-    let before = ALLOCS.load(Ordering::Relaxed);
+    let before = ALLOCS.with(Cell::get);
     COUNTING.with(|c| c.set(true));
     let result = f();
     COUNTING.with(|c| c.set(false));
-    (result, ALLOCS.load(Ordering::Relaxed) - before)
+    (result, ALLOCS.with(Cell::get) - before)
 }
 
 // SAFETY: every call is forwarded unchanged to `System`; the counter has no effect on memory.
@@ -73,15 +74,18 @@ const PIPELINE: usize = 16;
 fn serve(conn: &mut Conn, common: &CommonHeaders, input: &[u8]) -> (usize, usize) {
     let buf = conn.read_buf();
     buf[..input.len()].copy_from_slice(input);
-    conn.filled(input.len());
+    let now = Instant::now();
+    conn.filled(input.len(), now);
     let mut answered = 0;
     while let Some(req) = conn.next_request() {
         let id = req.id;
         conn.respond(id, Response::text(200, HELLO));
         answered += 1;
     }
-    let n = conn.output(common).len();
-    conn.written(n);
+    let n = conn.output(common, now).len();
+    conn.written(n, now);
+    // What a driver does before it waits for the next read: the buffers go back to the pool.
+    conn.release_buffers();
     (answered, n)
 }
 
@@ -92,7 +96,7 @@ fn measure(input: &[u8], per_read: usize) -> u64 {
         server: "bench",
         date: http_date(1_700_000_000),
     };
-    let mut conn = Conn::new(Limits::default());
+    let mut conn = Conn::new(Arc::new(Config::default()), Instant::now());
     for _ in 0..WARMUP {
         let (answered, n) = serve(&mut conn, &common, input);
         assert_eq!(answered, per_read);

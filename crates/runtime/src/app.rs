@@ -205,7 +205,7 @@ fn not_allowed(allow: &'static str) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::{Body, Conn, Limits};
+    use proto::{Body, Conn};
 
     /// A request copied out of its connection, as a pattern that handles requests on another
     /// thread would make one.
@@ -272,9 +272,10 @@ mod tests {
             b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n",
         ];
         for input in cases {
-            let mut conn = Conn::new(Limits::default());
+            let now = std::time::Instant::now();
+            let mut conn = Conn::new(Arc::new(proto::Config::default()), now);
             conn.read_buf()[..input.len()].copy_from_slice(input);
-            conn.filled(input.len());
+            conn.filled(input.len(), now);
             let req = conn.next_request().expect("a complete request");
             let copied = Copied {
                 method: req.method.to_string(),

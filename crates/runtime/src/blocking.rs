@@ -1,31 +1,33 @@
 //! The blocking connection driver: one thread (or coroutine) serves one connection with plain
 //! `read` and `write` calls. Thread-per-connection, coroutine-per-connection and prefork's
-//! blocking mode all run this, over the same sans-IO [`proto::Conn`] as the event loop.
+//! blocking mode all run this, over the same sans-IO [`proto::Conn`] as the event loop, and so
+//! with the same timeouts: each blocking `read` waits at most until the connection's next
+//! deadline (`poll_timeout`), and a read that times out hands the time to `handle_timeout`.
+//! The socket's send timeout bounds each `write`, so a peer that stops reading is closed
+//! instead of holding a thread forever.
 //!
-//! Timeouts are read timeouts: the remaining header time while a request is arriving, the idle
-//! time between requests; and a write timeout of the idle time, so that a peer that stops
-//! reading its replies is closed (as the event loop closes it) instead of holding a thread
-//! forever. Shutdown: [`OpenConns::stop_reading`] shuts down the reading side of every tracked
-//! socket that waits for a new request, so a thread parked in `read` wakes with EOF, writes what
-//! it owes, and returns; a connection in the middle of receiving a request (a large body, say)
-//! is left to finish it, and stops after its reply.
+//! Shutdown: [`OpenConns::stop_reading`] shuts down the reading side of every tracked socket
+//! that waits between requests, so a thread parked in `read` wakes with EOF, writes what it
+//! owes, and returns. A connection in the middle of a request is left to finish it, and one
+//! that has sent nothing yet keeps the shutdown grace to send its first request (it looks for
+//! the shutdown at least once a second rather than lose that request to a woken `read`).
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::Shutdown as Direction;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use proto::{Conn, Request, Response};
 
+use crate::ServeConfig;
 use crate::date::ReplyHeaders;
-use crate::event_loop::LoopConfig;
 use crate::stats::WorkerStats;
 
-/// How long a closing connection may keep draining what its peer still sends.
-const LINGER: Duration = Duration::from_secs(2);
+/// How often a connection that has sent nothing yet looks whether shutdown began.
+const FRESH_CHECK: Duration = Duration::from_secs(1);
 
 /// What the driver needs of a socket: std's `TcpStream`, or a coroutine library's.
 pub trait BlockingStream: Read + Write + AsRawFd {
@@ -53,7 +55,7 @@ impl BlockingStream for std::net::TcpStream {
 /// (A pattern whose threads each own a stats slot calls `stats.bind_thread()` once per thread.)
 pub fn serve<S: BlockingStream>(
     stream: S,
-    config: &LoopConfig,
+    config: &ServeConfig,
     stats: &WorkerStats,
     open: &OpenConns,
     handle: impl FnMut(&Request<'_>) -> Response,
@@ -70,76 +72,87 @@ pub fn serve<S: BlockingStream>(
 
 fn drive<S: BlockingStream>(
     stream: &mut S,
-    config: &LoopConfig,
+    config: &ServeConfig,
     stats: &WorkerStats,
     tracked: &Tracked<'_>,
     mut handle: impl FnMut(&Request<'_>) -> Response,
 ) {
-    let mut http = Conn::new(config.limits);
+    let mut http = Conn::new(config.conn.clone(), Instant::now());
     let mut headers = ReplyHeaders::new(config.server_name);
-    let mut head_started: Option<Instant> = None;
     let mut timeout_set = None;
     // A write that makes no progress for this long fails, and the connection closes.
-    if stream.set_write_timeout(Some(config.idle_timeout)).is_err() {
+    if stream
+        .set_write_timeout(Some(config.timeouts().send))
+        .is_err()
+    {
         return;
     }
     loop {
+        if let Some(since) = tracked.open.stopping_since() {
+            http.stop_reading(since);
+        }
         while let Some(req) = http.next_request() {
             stats.request();
-            head_started = None;
             let id = req.id;
             let reply = handle(&req);
             http.respond(id, reply);
         }
         // Every reply is ready (handlers ran inline): one write for the whole batch.
-        let out = http.output(headers.refresh());
+        let out = http.output(headers.refresh(), Instant::now());
         if !out.is_empty() {
             let n = out.len();
             if stream.write_all(out).is_err() {
                 return;
             }
-            http.written(n);
+            http.written(n, Instant::now());
         }
         if http.is_finished() {
-            if http.should_linger() {
-                linger(stream);
+            // Half-close, then drain what the peer still sends until it closes or the linger
+            // time passes, so that a reset cannot destroy the last reply (lingering close).
+            if !http.should_linger() || stream.shutdown(Direction::Write).is_err() {
+                return;
             }
-            return;
+            http.begin_linger(Instant::now());
         }
-        // Shutdown stops a connection between requests; one inside a request finishes it first.
-        let idle = !http.has_partial_request();
-        if tracked.set_idle(idle) && idle {
-            http.stop_reading();
-            continue;
-        }
-        // As in the event loop: the header timeout runs from a head's first byte; a body may take
-        // longer, as long as each read makes progress within the idle timeout.
-        let timeout = if !idle && !http.reading_body() {
-            let started = *head_started.get_or_insert_with(Instant::now);
-            config
-                .header_timeout
-                .saturating_sub(started.elapsed())
-                .max(Duration::from_millis(1))
+        let phase = if http.requests_read() == 0 && !http.has_partial_request() {
+            Phase::Fresh
+        } else if http.has_partial_request() || http.owed() > 0 {
+            Phase::Busy
         } else {
-            config.idle_timeout
+            Phase::Idle
         };
+        if let Some(since) = tracked.set_phase(phase) {
+            http.stop_reading(since);
+            if http.is_finished() {
+                continue;
+            }
+        }
+        let now = Instant::now();
+        let mut timeout = http
+            .poll_timeout()
+            .map(|deadline| deadline.saturating_duration_since(now));
+        if phase == Phase::Fresh && tracked.open.stopping_since().is_none() {
+            timeout = Some(timeout.map_or(FRESH_CHECK, |t| t.min(FRESH_CHECK)));
+        }
+        // SO_RCVTIMEO of zero means "no timeout": a deadline already here waits a millisecond.
+        let timeout = timeout.map(|t| t.max(Duration::from_millis(1)));
         if timeout_set != Some(timeout) {
-            if stream.set_read_timeout(Some(timeout)).is_err() {
+            if stream.set_read_timeout(timeout).is_err() {
                 return;
             }
             timeout_set = Some(timeout);
         }
         match stream.read(http.read_buf()) {
             Ok(0) => http.read_eof(),
-            Ok(n) => http.filled(n),
-            // The read timed out: 408 for a request cut short, a quiet close for an idle one.
+            Ok(n) => http.filled(n, Instant::now()),
+            // The read timed out: proto decides what that means (408, an idle close, nothing).
             Err(e)
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                http.timed_out();
+                http.handle_timeout(Instant::now());
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return,
@@ -147,58 +160,51 @@ fn drive<S: BlockingStream>(
     }
 }
 
-/// Half-closes, then reads and discards until the peer closes or `LINGER` passes, so that a
-/// reset cannot destroy the last reply (nginx's lingering close).
-fn linger<S: BlockingStream>(stream: &mut S) {
-    if stream.shutdown(Direction::Write).is_err() || stream.set_read_timeout(Some(LINGER)).is_err()
-    {
-        return;
-    }
-    let deadline = Instant::now() + LINGER;
-    let mut scratch = [0u8; 4096];
-    while Instant::now() < deadline {
-        match stream.read(&mut scratch) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-    }
+/// Where a served connection stands, for shutdown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Accepted, nothing received yet: shutdown leaves it its grace.
+    Fresh,
+    /// Inside a request: shutdown lets it finish.
+    Busy,
+    /// Between requests: shutdown wakes its `read` (shutting down the reading side).
+    Idle,
 }
 
 /// The sockets being served, so that shutdown can wake the threads blocked reading them.
 #[derive(Default)]
 pub struct OpenConns {
-    /// Each socket, and whether it waits for a new request (see [`Tracked::set_idle`]).
-    fds: Mutex<HashMap<RawFd, Arc<AtomicBool>>>,
+    /// Each socket, and its [`Phase`] (see [`Tracked::set_phase`]).
+    fds: Mutex<HashMap<RawFd, Arc<AtomicU8>>>,
     stopping: AtomicBool,
+    since: OnceLock<Instant>,
 }
 
 impl OpenConns {
     /// Tracks `socket` until the returned guard drops; drop the guard before closing the socket.
     pub fn track(&self, socket: &impl AsRawFd) -> Tracked<'_> {
         let fd = socket.as_raw_fd();
-        let idle = Arc::new(AtomicBool::new(true));
+        let phase = Arc::new(AtomicU8::new(Phase::Fresh as u8));
         self.fds
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(fd, idle.clone());
-        if self.is_stopping() {
-            // SAFETY: `fd` is the caller's open socket, borrowed for this call.
-            unsafe { libc::shutdown(fd, libc::SHUT_RD) };
-        }
+            .insert(fd, phase.clone());
         Tracked {
             open: self,
             fd,
-            idle,
+            phase,
         }
     }
 
     /// Shutdown: every tracked connection stops reading new requests; replies owed still go out,
-    /// and a request partly received is still read and answered.
+    /// a request partly received is still read and answered, and a connection that has sent
+    /// nothing yet may still send its first request within the shutdown grace.
     pub fn stop_reading(&self) {
+        let _ = self.since.set(Instant::now());
         self.stopping.store(true, Ordering::SeqCst);
-        for (&fd, idle) in self.fds.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            // A connection inside a request is not idle: it sees `stopping` once it is.
-            if idle.load(Ordering::SeqCst) {
+        for (&fd, phase) in self.fds.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if phase.load(Ordering::SeqCst) == Phase::Idle as u8 {
                 // SAFETY: a tracked fd stays open until its guard is dropped, which needs this
                 // lock, so the fd cannot be closed (or reused) while we hold it.
                 unsafe { libc::shutdown(fd, libc::SHUT_RD) };
@@ -210,8 +216,21 @@ impl OpenConns {
         self.stopping.load(Ordering::SeqCst)
     }
 
+    /// When shutdown began, if it has.
+    pub fn stopping_since(&self) -> Option<Instant> {
+        self.is_stopping().then(|| self.since.get().copied())?
+    }
+
     pub fn len(&self) -> usize {
         self.fds.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// How many tracked connections stand at `phase`.
+    pub fn count(&self, phase: Phase) -> usize {
+        let fds = self.fds.lock().unwrap_or_else(|e| e.into_inner());
+        fds.values()
+            .filter(|p| p.load(Ordering::Relaxed) == phase as u8)
+            .count()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -223,19 +242,18 @@ impl OpenConns {
 pub struct Tracked<'a> {
     open: &'a OpenConns,
     fd: RawFd,
-    idle: Arc<AtomicBool>,
+    phase: Arc<AtomicU8>,
 }
 
 impl Tracked<'_> {
-    /// Marks the connection as waiting for a new request (`true`) or inside one (`false`), and
-    /// returns whether shutdown has begun. Both sides store, then load (SeqCst), so either
-    /// [`OpenConns::stop_reading`] sees this connection idle and wakes it, or the connection
-    /// sees the shutdown before it reads again.
-    pub fn set_idle(&self, idle: bool) -> bool {
-        if self.idle.load(Ordering::Relaxed) != idle {
-            self.idle.store(idle, Ordering::SeqCst);
+    /// Records where the connection stands, and returns when shutdown began, if it has. Both
+    /// sides store, then load (SeqCst), so either [`OpenConns::stop_reading`] sees this
+    /// connection idle and wakes it, or the connection sees the shutdown before it reads again.
+    pub fn set_phase(&self, phase: Phase) -> Option<Instant> {
+        if self.phase.load(Ordering::Relaxed) != phase as u8 {
+            self.phase.store(phase as u8, Ordering::SeqCst);
         }
-        self.open.is_stopping()
+        self.open.stopping_since()
     }
 }
 

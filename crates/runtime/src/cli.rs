@@ -44,9 +44,22 @@ pub struct ServerArgs {
     #[arg(long, default_value = "10s", value_parser = duration)]
     pub header_timeout: Duration,
 
-    /// Close a keep-alive connection idle this long, or a peer that stops reading.
+    /// Close a keep-alive connection idle this long.
     #[arg(long, default_value = "60s", value_parser = duration)]
     pub idle_timeout: Duration,
+
+    /// A request body must make progress at least this often (408).
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    pub body_timeout: Duration,
+
+    /// Close a connection whose peer takes none of our output for this long.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    pub send_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, a connection that has sent nothing yet may still send its first
+    /// request this long (the kernel accepted it on the server's behalf).
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    pub shutdown_grace: Duration,
 
     /// On SIGTERM/SIGINT, wait this long for in-flight requests before exiting anyway.
     #[arg(long, default_value = "10s", value_parser = duration)]
@@ -74,6 +87,17 @@ impl ServerArgs {
     pub fn workers(&self) -> usize {
         self.workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    pub fn timeouts(&self) -> proto::Timeouts {
+        proto::Timeouts {
+            header: self.header_timeout,
+            body: self.body_timeout,
+            idle: self.idle_timeout,
+            send: self.send_timeout,
+            shutdown_grace: self.shutdown_grace,
+            ..proto::Timeouts::default()
+        }
     }
 
     pub fn limits(&self) -> proto::Limits {

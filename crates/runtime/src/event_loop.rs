@@ -24,22 +24,17 @@ use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
-use proto::{CommonHeaders, Conn, Limits, ReqId, Request, Response};
+use proto::{CommonHeaders, Conn, ReqId, Request, Response};
 use slab::Slab;
 
 use crate::date::ReplyHeaders;
 use crate::listener::{AcceptBackoff, is_out_of_resources};
 use crate::stats::WorkerStats;
-use crate::{ServerArgs, Shutdown};
+use crate::{ServeConfig, Shutdown};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
-
-/// How long a closing connection may keep draining what its peer still sends.
-const LINGER: Duration = Duration::from_secs(2);
-/// At shutdown, how long a connection that has sent nothing yet may take to send its request.
-const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// Decides what happens to each request. The loop calls it on its own thread.
 pub trait Handler {
@@ -117,42 +112,15 @@ impl LoopHandle {
     }
 }
 
-/// What the loop needs to know from the flags.
-#[derive(Clone, Debug)]
-pub struct LoopConfig {
-    pub server_name: &'static str,
-    pub limits: Limits,
-    pub header_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub shutdown_timeout: Duration,
-    pub max_conns: usize,
-}
-
-impl LoopConfig {
-    pub fn new(server_name: &'static str, args: &ServerArgs) -> LoopConfig {
-        LoopConfig {
-            server_name,
-            limits: args.limits(),
-            header_timeout: args.header_timeout,
-            idle_timeout: args.idle_timeout,
-            shutdown_timeout: args.shutdown_timeout,
-            max_conns: args.max_conns,
-        }
-    }
-}
-
 struct Connection {
     stream: TcpStream,
+    /// The protocol state, which also decides every timeout (`poll_timeout`).
     http: Conn,
     generation: u64,
     /// The socket may have input (no WouldBlock or short read since the last edge).
     readable: bool,
     /// The socket may take output.
     writable: bool,
-    last_active: Instant,
-    head_started: Option<Instant>,
-    /// Set once the reply is out and the connection is draining its peer before the close.
-    linger_until: Option<Instant>,
 }
 
 enum Accepting {
@@ -175,7 +143,7 @@ pub struct EventLoop {
 
 /// Everything but the poller, so that events can be iterated while the state changes.
 struct State {
-    config: LoopConfig,
+    config: ServeConfig,
     registry: Registry,
     stats: &'static WorkerStats,
     listener: Option<TcpListener>,
@@ -202,7 +170,7 @@ impl EventLoop {
     /// A loop serving with `stats` as its counters; give it a listener, or connections through
     /// its [`LoopHandle`], or both. It registers with `shutdown` to hear about SIGTERM.
     pub fn new(
-        config: LoopConfig,
+        config: ServeConfig,
         stats: &'static WorkerStats,
         shutdown: Arc<Shutdown>,
     ) -> io::Result<EventLoop> {
@@ -215,9 +183,14 @@ impl EventLoop {
         });
         shutdown.register(handle.clone());
         let now = Instant::now();
-        // Timeouts are checked by a sweep a few times per shortest timeout, at most once a second.
-        let sweep_every = (config.header_timeout.min(config.idle_timeout) / 4)
-            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        // Deadlines are checked by a sweep a few times per shortest timeout, at most once a
+        // second: a deadline is seen up to one sweep late, for no per-request timer upkeep.
+        let t = config.timeouts();
+        let shortest = [t.header, t.body, t.idle, t.send, t.shutdown_grace, t.linger]
+            .into_iter()
+            .min()
+            .unwrap_or(Duration::from_secs(1));
+        let sweep_every = (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         Ok(EventLoop {
             events: Events::with_capacity(1024),
             state: State {
@@ -450,13 +423,10 @@ impl State {
         self.generations += 1;
         entry.insert(Connection {
             stream,
-            http: Conn::new(self.config.limits),
+            http: Conn::new(self.config.conn.clone(), self.now),
             generation: self.generations,
             readable: false,
             writable: false,
-            last_active: self.now,
-            head_started: None,
-            linger_until: None,
         });
         self.stats.connection_opened();
     }
@@ -530,10 +500,14 @@ impl State {
                 self.drive(token, handler);
             }
         }
-        // From now on each connection reads nothing after its current request (see `drive`).
+        // From now on each connection reads nothing after its current request; one that has
+        // sent nothing yet gets the shutdown grace to send its first (proto decides).
         self.draining_since = Some(self.now);
         for &token in &tokens {
-            self.drive(token, handler);
+            if let Some(c) = self.conns.get_mut(token) {
+                c.http.stop_reading(self.now);
+                self.drive(token, handler);
+            }
         }
         tokens.clear();
         self.scratch = tokens;
@@ -542,18 +516,16 @@ impl State {
     // ---- one connection ------------------------------------------------------------------
 
     /// Moves a connection as far as it can go: serve buffered requests, write the replies
-    /// that are ready in one write, read more, and repeat.
+    /// that are ready in one write, read more, and repeat. Then either close it, or give its
+    /// buffers back to the pool while it waits.
     fn drive(&mut self, token: usize, handler: &mut impl Handler) {
         let Some(c) = self.conns.get_mut(token) else {
             return;
         };
-        if c.linger_until.is_some() {
-            return self.drain_lingering(token);
-        }
+        let now = self.now;
         loop {
             while let Some(req) = c.http.next_request() {
                 self.stats.request();
-                c.head_started = None;
                 let origin = Origin {
                     token,
                     generation: c.generation,
@@ -564,18 +536,17 @@ impl State {
                     c.http.respond(id, reply);
                 }
             }
-            // Draining: no request after the current one. A connection accepted just before
-            // the shutdown that has not sent its first request yet still gets it answered
-            // (within DRAIN_GRACE): the kernel accepted it on our behalf.
-            if self.draining_since.is_some() && c.http.requests_read() > 0 {
-                c.http.stop_reading();
+            if c.writable && write_out(c, self.headers.get(), now).is_err() {
+                return self.close(token);
             }
-            if c.writable {
-                match write_out(c, self.headers.get()) {
-                    Ok(true) => c.last_active = self.now,
-                    Ok(false) => {}
-                    Err(_) => return self.close(token),
+            if c.http.is_finished() && c.http.should_linger() {
+                // Half-close, then drain what the peer still sends before closing, so that a
+                // reset cannot destroy the last reply (nginx's lingering close).
+                if c.stream.shutdown(Direction::Write).is_err() {
+                    return self.close(token);
                 }
+                c.http.begin_linger(now);
+                c.readable = true;
             }
             if !(c.readable && c.http.wants_read()) {
                 break;
@@ -589,8 +560,7 @@ impl State {
                     c.readable = false;
                 }
                 Ok(n) => {
-                    c.http.filled(n);
-                    c.last_active = self.now;
+                    c.http.filled(n, now);
                     // A short read emptied the socket, and the next byte brings a new edge:
                     // this saves the read that would only return WouldBlock.
                     c.readable = n == room;
@@ -605,76 +575,33 @@ impl State {
             }
         }
         if c.http.is_finished() {
-            self.finish(token);
-        }
-    }
-
-    /// All replies are out. Close, or first linger so the peer reads the last reply before a
-    /// reset could destroy it (nginx's lingering close).
-    fn finish(&mut self, token: usize) {
-        let c = &mut self.conns[token];
-        if c.http.should_linger() && c.stream.shutdown(Direction::Write).is_ok() {
-            c.linger_until = Some(self.now + LINGER);
-            c.readable = true;
-            self.drain_lingering(token);
-        } else {
             self.close(token);
+        } else {
+            c.http.release_buffers();
         }
-    }
-
-    /// Reads and discards until the peer closes, or the linger time runs out (in `sweep`).
-    fn drain_lingering(&mut self, token: usize) {
-        let c = &mut self.conns[token];
-        let mut scratch = [0u8; 4096];
-        loop {
-            match c.stream.read(&mut scratch) {
-                Ok(0) => break,
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
-        }
-        self.close(token);
     }
 
     // ---- timeouts ------------------------------------------------------------------------
 
-    /// Closes connections past their deadline; a request cut off by the header timeout gets 408.
+    /// Hands every connection whose deadline has passed to proto's `handle_timeout` (a 408, an
+    /// idle close, the end of a lingering close...), then drives it.
     fn sweep(&mut self, handler: &mut impl Handler) {
         self.next_sweep = self.now + self.sweep_every;
-        let (now, cfg, draining_since) = (self.now, &self.config, self.draining_since);
+        let now = self.now;
         let mut expired = std::mem::take(&mut self.scratch);
         for (token, c) in self.conns.iter_mut() {
-            let late = if let Some(until) = c.linger_until {
-                now >= until
-            } else if c.http.reading_body() {
-                now - c.last_active >= cfg.idle_timeout
-            } else if c.http.has_partial_request() {
-                now - *c.head_started.get_or_insert(now) >= cfg.header_timeout
-            } else if c.http.owed() > 0 && c.http.unsent() == 0 {
-                // The handler is still working: no deadline of ours applies.
-                false
-            } else if let Some(since) = draining_since
-                && c.http.requests_read() == 0
+            if c.http
+                .poll_timeout()
+                .is_some_and(|deadline| deadline <= now)
             {
-                now - since >= DRAIN_GRACE
-            } else {
-                // Idle between requests, or a peer that stopped reading our output.
-                now - c.last_active >= cfg.idle_timeout
-            };
-            if late {
                 expired.push(token);
             }
         }
         for &token in &expired {
-            let c = &mut self.conns[token];
-            if c.linger_until.is_none() && c.http.has_partial_request() {
-                c.http.timed_out();
+            if let Some(c) = self.conns.get_mut(token) {
+                c.http.handle_timeout(now);
                 c.writable = true;
                 self.drive(token, handler);
-            } else {
-                self.close(token);
             }
         }
         expired.clear();
@@ -682,25 +609,21 @@ impl State {
     }
 }
 
-/// Writes what the connection has ready. `Ok(true)` if anything was written.
-fn write_out(c: &mut Connection, common: &CommonHeaders) -> io::Result<bool> {
-    let mut wrote = false;
+/// Writes what the connection has ready, until the socket takes no more.
+fn write_out(c: &mut Connection, common: &CommonHeaders, now: Instant) -> io::Result<()> {
     while c.writable {
-        let out = c.http.output(common);
+        let out = c.http.output(common, now);
         if out.is_empty() {
             break;
         }
         match c.stream.write(out) {
-            Ok(n) => {
-                c.http.written(n);
-                wrote = true;
-            }
+            Ok(n) => c.http.written(n, now),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.writable = false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(wrote)
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

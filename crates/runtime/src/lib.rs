@@ -5,6 +5,7 @@
 pub mod app;
 pub mod blocking;
 pub mod cli;
+pub mod config;
 pub mod date;
 pub mod event_loop;
 pub mod listener;
@@ -14,7 +15,8 @@ pub mod threads;
 
 pub use app::{App, Routable, Route, Task};
 pub use cli::ServerArgs;
-pub use event_loop::{EventLoop, Handler, Inline, LoopConfig, LoopHandle, Origin};
+pub use config::ServeConfig;
+pub use event_loop::{EventLoop, Handler, Inline, LoopHandle, Origin};
 pub use shutdown::Shutdown;
 pub use stats::{Stats, WorkerStats};
 

@@ -4,13 +4,14 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use proto::Response;
-use runtime::blocking::{OpenConns, serve};
-use runtime::{LoopConfig, ServerArgs, Stats};
+use runtime::blocking::{OpenConns, Phase, serve};
+use runtime::{ServeConfig, ServerArgs, Stats};
 
 #[derive(Parser)]
 struct Args {
@@ -18,8 +19,8 @@ struct Args {
     server: ServerArgs,
 }
 
-fn config() -> LoopConfig {
-    LoopConfig::new("blocking-test", &Args::parse_from(["test"]).server)
+fn config() -> ServeConfig {
+    ServeConfig::new("blocking-test", &Args::parse_from(["test"]).server)
 }
 
 /// Serves one connection on a thread; the handler sleeps `delay` per request.
@@ -49,6 +50,19 @@ fn start(
     (client, open, stats, t)
 }
 
+/// Waits (up to 10 s) until `done` holds.
+#[track_caller]
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "still waiting after 10 s: {what}"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn read_all(mut c: TcpStream) -> String {
     let mut out = Vec::new();
     let _ = c.read_to_end(&mut out);
@@ -64,7 +78,6 @@ fn pipelined_requests_answered_in_order() {
     assert_eq!(bodies, ["/a", "/b", "/c"], "{text}");
     t.join().unwrap();
     let w = stats.worker(0);
-    use std::sync::atomic::Ordering::Relaxed;
     assert_eq!(
         (
             w.requests.load(Relaxed),
@@ -77,10 +90,12 @@ fn pipelined_requests_answered_in_order() {
 
 #[test]
 fn stop_reading_wakes_a_parked_reader_after_its_reply() {
-    let (mut c, open, _stats, t) = start(Duration::from_millis(300));
+    let (mut c, open, stats, t) = start(Duration::from_millis(300));
     c.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
-    thread::sleep(Duration::from_millis(50));
+    wait_until("the handler to start", || {
+        stats.worker(0).requests.load(Relaxed) == 1
+    });
     assert_eq!(open.len(), 1);
     let started = Instant::now();
     open.stop_reading();
@@ -101,12 +116,15 @@ fn stop_reading_lets_a_request_being_received_finish() {
     let (mut c, open, _stats, t) = start(Duration::ZERO);
     c.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
         .unwrap();
-    // Ample time for the server to read the first half: it is then inside a request.
-    thread::sleep(Duration::from_millis(500));
+    // Once it has read the first half, the server is inside a request, waiting for the rest.
+    wait_until("the server to read the first half", || {
+        open.count(Phase::Busy) == 1
+    });
     open.stop_reading();
-    // The rest in two parts: the server reads on after the first, still inside the request.
+    // The rest in two writes (the pause only spaces them): the server reads on after the
+    // first, still inside the request.
     c.write_all(b"wor").unwrap();
-    thread::sleep(Duration::from_millis(200));
+    thread::sleep(Duration::from_millis(50));
     c.write_all(b"ld").unwrap();
     // The request is finished and answered, then the connection closes.
     let text = read_all(c);
@@ -118,13 +136,30 @@ fn stop_reading_lets_a_request_being_received_finish() {
     assert!(open.is_empty());
 }
 
+/// A connection that has sent nothing when shutdown begins may still send its first request
+/// within the shutdown grace; it is answered with `Connection: close`.
 #[test]
-fn a_peer_that_stops_reading_is_closed_after_the_idle_timeout() {
+fn stop_reading_leaves_a_fresh_connection_its_grace() {
+    let (mut c, open, _stats, t) = start(Duration::ZERO);
+    wait_until("the connection to be tracked", || open.len() == 1);
+    open.stop_reading();
+    c.write_all(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let text = read_all(c);
+    assert!(
+        text.contains("Connection: close\r\n") && text.ends_with("/late"),
+        "{text}"
+    );
+    t.join().unwrap();
+}
+
+#[test]
+fn a_peer_that_stops_reading_is_closed_after_the_send_timeout() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (server, _) = listener.accept().unwrap();
-    let args = Args::parse_from(["test", "--idle-timeout", "300ms"]);
-    let config = LoopConfig::new("blocking-test", &args.server);
+    let args = Args::parse_from(["test", "--send-timeout", "300ms"]);
+    let config = ServeConfig::new("blocking-test", &args.server);
     let (done, finished) = std::sync::mpsc::channel();
     thread::spawn(move || {
         let (open, stats) = (OpenConns::default(), Stats::new("blocking-test", 1));
@@ -134,7 +169,7 @@ fn a_peer_that_stops_reading_is_closed_after_the_idle_timeout() {
         let _ = done.send(());
     });
     // 32 MiB does not fit in the socket buffers of a peer that reads nothing: the reply's
-    // write stalls, and must give up after the idle timeout rather than block forever.
+    // write stalls, and must give up after the send timeout rather than block forever.
     client
         .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();

@@ -47,17 +47,14 @@ use clap::Parser;
 use proto::{Conn, Response};
 use runtime::date::ReplyHeaders;
 use runtime::listener::{AcceptBackoff, is_out_of_resources};
-use runtime::{App, LoopConfig, Route, ServerArgs, Stats, Task};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use runtime::{App, Route, ServeConfig, ServerArgs, Stats, Task};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::{Instant, sleep};
 
 const PATTERN: &str = "work-stealing";
-
-/// How long a closing connection may keep draining what its peer still sends.
-const LINGER: Duration = Duration::from_secs(2);
 
 /// The extra counter in each worker's `/stats` slot: requests of a connection whose previous
 /// request (or accept) ran on another worker (see [`drive`]).
@@ -77,7 +74,7 @@ struct Args {
 /// What every connection task shares.
 struct Service {
     app: App,
-    config: LoopConfig,
+    config: ServeConfig,
     offload: bool,
 }
 
@@ -87,14 +84,15 @@ fn main() -> io::Result<()> {
     let stats = Arc::new(Stats::new(PATTERN, workers).with_extra(&["migrated_in"]));
     let service = Arc::new(Service {
         app: App::new(stats.clone()),
-        config: LoopConfig::new(PATTERN, &args.server),
+        config: ServeConfig::new(PATTERN, &args.server),
         offload: args.offload,
     });
 
     let listener = runtime::listener::bind(&args.server, false)?;
     let addr = listener.local_addr()?;
     let rt = build_runtime(workers, stats)?;
-    let (stop, stopping) = watch::channel(false);
+    // `Some(when)` once shutdown began; connections time their shutdown grace from it.
+    let (stop, stopping) = watch::channel(None);
     rt.block_on(async {
         // Registered before the start-up line, so that a signal sent right after it counts.
         let mut terminate = signal(SignalKind::terminate())?;
@@ -110,7 +108,7 @@ fn main() -> io::Result<()> {
     })?;
 
     // Stop accepting and reading new requests; replies in flight still go out.
-    stop.send_replace(true);
+    stop.send_replace(Some(std::time::Instant::now()));
     // Each task holds a receiver, so none left means all are done. Waited for on this thread's
     // clock: tokio's timers fire only when a worker is free to drive them, and every worker
     // may be busy with an inline /block.
@@ -151,11 +149,7 @@ fn build_runtime(workers: usize, stats: Arc<Stats>) -> io::Result<tokio::runtime
 
 /// One task accepts and spawns a task per connection. It is a task like the others: it runs
 /// on whichever worker picked it up, and can be stolen too.
-async fn accept_loop(
-    listener: TcpListener,
-    service: Arc<Service>,
-    mut stopping: watch::Receiver<bool>,
-) {
+async fn accept_loop(listener: TcpListener, service: Arc<Service>, mut stopping: Stopping) {
     let permits = Arc::new(Semaphore::new(
         service.config.max_conns.min(Semaphore::MAX_PERMITS),
     ));
@@ -169,11 +163,11 @@ async fn accept_loop(
                 Ok(permit) => permit,
                 Err(_) => return, // closed: never, the semaphore is ours
             },
-            () = stopped(&mut stopping) => return,
+            _ = stopped(&mut stopping) => return,
         };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = stopped(&mut stopping) => return,
+            _ = stopped(&mut stopping) => return,
         };
         match accepted {
             Ok((stream, _)) => {
@@ -195,7 +189,7 @@ async fn accept_loop(
                 eprintln!("{PATTERN}: accept: {e}; pausing accepts for {pause:?}");
                 tokio::select! {
                     () = sleep(pause) => {}
-                    () = stopped(&mut stopping) => return,
+                    _ = stopped(&mut stopping) => return,
                 }
             }
             // The peer gave up while queued (ECONNABORTED) and the like: take the next one.
@@ -212,7 +206,7 @@ async fn serve(
     mut stream: TcpStream,
     service: Arc<Service>,
     accepted_on: usize,
-    mut stopping: watch::Receiver<bool>,
+    mut stopping: Stopping,
     _permit: OwnedSemaphorePermit,
 ) {
     drive(&mut stream, &service, accepted_on, &mut stopping).await;
@@ -220,26 +214,29 @@ async fn serve(
     service.app.stats().worker(accepted_on).connection_closed();
 }
 
-/// The async twin of `runtime::blocking`'s driver: serve what is buffered, write the replies
-/// in one write, close if done, else read more, racing the read against the connection's
-/// deadline and shutdown. Each `.await` may resume on another worker.
+/// The async twin of `runtime::blocking`'s driver: serve what is buffered, write the replies,
+/// close if done, else wait for input, racing it against the connection's next deadline (proto
+/// decides which) and shutdown. Each `.await` may resume on another worker. While it waits for
+/// input the task holds no buffer: it waits for readability, then borrows one from the pool.
 async fn drive(
     stream: &mut TcpStream,
     service: &Service,
     accepted_on: usize,
-    stopping: &mut watch::Receiver<bool>,
+    stopping: &mut Stopping,
 ) {
     let config = &service.config;
     let stats = service.app.stats();
-    let mut http = Conn::new(config.limits);
+    let mut http = Conn::new(config.conn.clone(), std::time::Instant::now());
     let mut headers = ReplyHeaders::new(config.server_name);
-    let mut head_started: Option<Instant> = None;
     let mut last_worker = accepted_on;
-    // One timer for the connection's life, moved as its deadline changes: pushing a deadline
+    // One timer for the connection's life, moved as its deadline changes: moving a deadline
     // later is an atomic store in tokio, not a trip to the timer wheel.
-    let deadline = sleep(config.idle_timeout);
+    let deadline = sleep(Duration::from_secs(86_400));
     tokio::pin!(deadline);
     loop {
+        if let Some(since) = *stopping.borrow() {
+            http.stop_reading(since);
+        }
         while let Some(req) = http.next_request() {
             // Counted on the worker serving it, which may not be the one that served the last.
             let here = this_worker();
@@ -248,7 +245,6 @@ async fn drive(
                 stats.worker(here).add_extra(MIGRATED_IN, 1);
                 last_worker = here;
             }
-            head_started = None;
             let id = req.id;
             let reply = match service.app.route(&req) {
                 Route::Ready(reply) => reply,
@@ -256,56 +252,67 @@ async fn drive(
             };
             http.respond(id, reply);
         }
-        // Every reply is ready (heavy ones were awaited): one write for the whole batch.
-        let out = http.output(headers.refresh());
-        if !out.is_empty() {
-            let n = out.len();
-            // A peer that stops reading our output is closed after --idle-timeout.
-            deadline
-                .as_mut()
-                .reset(Instant::now() + config.idle_timeout);
-            let wrote = tokio::select! {
-                biased;
-                written = stream.write_all(out) => written.is_ok(),
-                () = &mut deadline => false,
-            };
-            if !wrote {
-                return;
+        // Every reply is ready (heavy ones were awaited): write them, as the peer takes them.
+        loop {
+            if http
+                .output(headers.refresh(), std::time::Instant::now())
+                .is_empty()
+            {
+                break;
             }
-            http.written(n);
+            set_deadline(deadline.as_mut(), &http);
+            let out = http.output(headers.get(), std::time::Instant::now());
+            tokio::select! {
+                biased;
+                written = stream.write(out) => match written {
+                    Ok(n) => http.written(n, std::time::Instant::now()),
+                    Err(_) => return,
+                },
+                // A peer that takes nothing for --send-timeout is closed.
+                () = &mut deadline => http.handle_timeout(std::time::Instant::now()),
+            }
         }
         if http.is_finished() {
-            if http.should_linger() {
-                linger(stream).await;
+            // Half-close, then drain what the peer still sends until it closes or the linger
+            // time passes, so that a reset cannot destroy the last reply (lingering close).
+            if !http.should_linger() || stream.shutdown().await.is_err() {
+                return;
             }
-            return;
+            http.begin_linger(std::time::Instant::now());
         }
-        if *stopping.borrow() {
-            http.stop_reading();
-            continue;
-        }
-        // The header timeout runs from a head's first byte; a body only has to keep flowing.
-        let until = if http.has_partial_request() && !http.reading_body() {
-            *head_started.get_or_insert_with(Instant::now) + config.header_timeout
-        } else {
-            Instant::now() + config.idle_timeout
-        };
-        deadline.as_mut().reset(until);
-        // Read first: a ready socket needs neither the timer nor the shutdown flag polled.
+        http.release_buffers();
+        set_deadline(deadline.as_mut(), &http);
+        // Readiness first: a ready socket needs neither the timer nor the shutdown flag polled.
         tokio::select! {
             biased;
-            read = stream.read(http.read_buf()) => match read {
-                // The peer is done sending; what it asked for is still answered.
-                Ok(0) => http.read_eof(),
-                Ok(n) => http.filled(n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // Reset by the peer, or worse: nobody is left to answer.
-                Err(_) => return,
-            },
-            // 408 for a request cut short, a quiet close for an idle connection.
-            () = &mut deadline => http.timed_out(),
-            () = stopped(stopping) => http.stop_reading(),
+            ready = stream.readable() => {
+                if ready.is_err() {
+                    return;
+                }
+                match stream.try_read(http.read_buf()) {
+                    // The peer is done sending; what it asked for is still answered.
+                    Ok(0) => http.read_eof(),
+                    Ok(n) => http.filled(n, std::time::Instant::now()),
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                    // Reset by the peer, or worse: nobody is left to answer.
+                    Err(_) => return,
+                }
+            }
+            // A 408 for a request cut short, an idle close, the end of a linger: proto decides.
+            () = &mut deadline => http.handle_timeout(std::time::Instant::now()),
+            since = stopped(stopping) => http.stop_reading(since),
         }
+    }
+}
+
+/// Moves the connection's timer to its next deadline (far away if it has none).
+fn set_deadline(timer: std::pin::Pin<&mut tokio::time::Sleep>, http: &Conn) {
+    let when = http.poll_timeout().map_or_else(
+        || Instant::now() + Duration::from_secs(86_400),
+        Instant::from_std,
+    );
+    if timer.deadline() != when {
+        timer.reset(when);
     }
 }
 
@@ -322,22 +329,6 @@ async fn run_heavy(task: Task, offload: bool) -> Response {
     }
 }
 
-/// Half-closes, then reads and discards until the peer closes or `LINGER` passes, so that a
-/// reset cannot destroy the last reply (nginx's lingering close).
-async fn linger(stream: &mut TcpStream) {
-    if stream.shutdown().await.is_err() {
-        return;
-    }
-    // On the heap: an array here would be part of every connection task's state.
-    let mut scratch = vec![0u8; 4096];
-    let drain = async {
-        while let Ok(n) = stream.read(&mut scratch).await
-            && n > 0
-        {}
-    };
-    let _ = tokio::time::timeout(LINGER, drain).await;
-}
-
 // ---- helpers ---------------------------------------------------------------------------
 
 thread_local! {
@@ -351,7 +342,13 @@ fn this_worker() -> usize {
     WORKER.get().unwrap_or(0)
 }
 
-/// Resolves once shutdown has begun (or the sender is gone, which means the same).
-async fn stopped(stopping: &mut watch::Receiver<bool>) {
-    let _ = stopping.wait_for(|&stop| stop).await;
+/// When shutdown began, once it has (or now, if the sender is gone, which means the same).
+async fn stopped(stopping: &mut Stopping) -> std::time::Instant {
+    match stopping.wait_for(Option::is_some).await {
+        Ok(since) => since.unwrap_or_else(std::time::Instant::now),
+        Err(_) => std::time::Instant::now(),
+    }
 }
+
+/// The shutdown signal every task watches: `Some(when)` once it began.
+type Stopping = watch::Receiver<Option<std::time::Instant>>;

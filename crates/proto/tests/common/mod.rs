@@ -2,7 +2,10 @@
 //! would, and records what came out.
 #![allow(dead_code)]
 
-use proto::{CommonHeaders, Conn, Limits, Response, http_date};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use proto::{CommonHeaders, Config, Conn, Limits, Response, http_date};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seen {
@@ -31,6 +34,23 @@ impl Outcome {
     }
 }
 
+/// The fixed instant the tests' connections live at: time only moves when a test moves it.
+pub fn t0() -> Instant {
+    static T0: OnceLock<Instant> = OnceLock::new();
+    *T0.get_or_init(Instant::now)
+}
+
+/// A connection with `limits` and the default timeouts, opened at [`t0`].
+pub fn conn_with(limits: Limits) -> Conn {
+    Conn::new(
+        Arc::new(Config {
+            limits,
+            ..Config::default()
+        }),
+        t0(),
+    )
+}
+
 pub fn common() -> CommonHeaders {
     CommonHeaders {
         server: "test",
@@ -41,7 +61,7 @@ pub fn common() -> CommonHeaders {
 /// Feeds `input` in pieces of `step` bytes (0 = all at once), answering every request with
 /// `200 METHOD TARGET`, then reports EOF if `eof`.
 pub fn run(input: &[u8], limits: Limits, step: usize, eof: bool) -> Outcome {
-    let mut conn = Conn::new(limits);
+    let mut conn = conn_with(limits);
     let mut seen = Vec::new();
     let mut output = Vec::new();
     let step = if step == 0 { input.len().max(1) } else { step };
@@ -66,22 +86,22 @@ pub fn run(input: &[u8], limits: Limits, step: usize, eof: bool) -> Outcome {
             );
             conn.respond(id, Response::owned(200, "text/plain", text.into_bytes()));
         }
-        let out = conn.output(&common());
+        let out = conn.output(&common(), t0());
         let n = out.len();
         output.extend_from_slice(out);
-        conn.written(n);
+        conn.written(n, t0());
         if fed == input.len() || !conn.wants_read() {
             break;
         }
         let buf = conn.read_buf();
         let n = step.min(input.len() - fed).min(buf.len());
         buf[..n].copy_from_slice(&input[fed..fed + n]);
-        conn.filled(n);
+        conn.filled(n, t0());
         fed += n;
     }
     if eof {
         conn.read_eof();
-        let out = conn.output(&common());
+        let out = conn.output(&common(), t0());
         output.extend_from_slice(out);
     }
     Outcome {

@@ -1,0 +1,37 @@
+//! What every driver takes from the flags: the connection policy (limits and timeouts, decided in
+//! `proto`), the server's name, its connection bound and its shutdown deadline.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::ServerArgs;
+
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// The `Server` header and the prefix of log lines.
+    pub server_name: &'static str,
+    /// Limits and timeouts of every connection, shared by all of them.
+    pub conn: Arc<proto::Config>,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take before the process exits anyway.
+    pub shutdown_timeout: Duration,
+    /// Open connections at most (per driver instance: a pattern divides it among its loops).
+    pub max_conns: usize,
+}
+
+impl ServeConfig {
+    pub fn new(server_name: &'static str, args: &ServerArgs) -> ServeConfig {
+        ServeConfig {
+            server_name,
+            conn: Arc::new(proto::Config {
+                limits: args.limits(),
+                timeouts: args.timeouts(),
+            }),
+            shutdown_timeout: args.shutdown_timeout,
+            max_conns: args.max_conns,
+        }
+    }
+
+    pub fn timeouts(&self) -> &proto::Timeouts {
+        &self.conn.timeouts
+    }
+}
