@@ -60,7 +60,7 @@ use may::sync::Semphore;
 use runtime::blocking::{BlockingStream, OpenConns, serve};
 use runtime::listener::{AcceptBackoff, is_out_of_resources};
 use runtime::shutdown::STOP_SIGNALS;
-use runtime::{App, LoopConfig, ServerArgs, Stats};
+use runtime::{App, ServeConfig, ServerArgs, Stats};
 use signal_hook::iterator::Signals;
 
 const PATTERN: &str = "coroutine";
@@ -107,7 +107,7 @@ fn main() -> io::Result<()> {
 
     let server = Arc::new(Server {
         app: App::new(stats.clone()),
-        config: LoopConfig::new(PATTERN, &args.server),
+        config: ServeConfig::new(PATTERN, &args.server),
         stats,
         listener,
         open: OpenConns::default(),
@@ -133,7 +133,7 @@ fn main() -> io::Result<()> {
 /// What every connection coroutine shares.
 struct Server {
     app: App,
-    config: LoopConfig,
+    config: ServeConfig,
     stats: Arc<Stats>,
     listener: TcpListener,
     open: OpenConns,

@@ -43,7 +43,7 @@ use mio::{Events, Interest, Poll, Token};
 use runtime::listener::{AcceptBackoff, is_out_of_resources};
 use runtime::threads::{join, spawn};
 use runtime::{
-    App, EventLoop, Inline, LoopConfig, LoopHandle, ServerArgs, Shutdown, Stats, WorkerStats,
+    App, EventLoop, Inline, LoopHandle, ServeConfig, ServerArgs, Shutdown, Stats, WorkerStats,
 };
 use signal_hook_mio::v1_0::Signals;
 
@@ -77,7 +77,7 @@ fn main() -> io::Result<()> {
     let shutdown = Shutdown::new();
 
     // Each worker is an event loop with no listener: connections arrive through its handle.
-    let config = LoopConfig::new(PATTERN, &args.server);
+    let config = ServeConfig::new(PATTERN, &args.server);
     let started = Arc::new(Barrier::new(workers + 1));
     let mut handles = Vec::with_capacity(workers);
     let mut threads = Vec::with_capacity(workers);

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use proto::{Request, Response};
 use runtime::{
-    App, EventLoop, Handler, LoopConfig, Origin, Routable, Route, ServerArgs, Shutdown, Stats,
+    App, EventLoop, Handler, Origin, Routable, Route, ServeConfig, ServerArgs, Shutdown, Stats,
     Task, WorkerStats,
 };
 
@@ -83,7 +83,7 @@ fn main() -> io::Result<()> {
 
     let listener = runtime::listener::bind(&args.server, false)?;
     let addr = listener.local_addr()?;
-    let config = LoopConfig::new(PATTERN, &args.server);
+    let config = ServeConfig::new(PATTERN, &args.server);
     let mut event_loop = EventLoop::new(config, stats.worker(0), Shutdown::new())?;
     event_loop.listen(listener)?;
     event_loop.watch_signals()?;

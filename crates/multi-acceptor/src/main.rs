@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use runtime::threads::{join, spawn};
-use runtime::{App, EventLoop, Inline, LoopConfig, ServerArgs, Shutdown, Stats};
+use runtime::{App, EventLoop, Inline, ServeConfig, ServerArgs, Shutdown, Stats};
 
 const PATTERN: &str = "multi-acceptor";
 
@@ -58,7 +58,7 @@ fn main() -> io::Result<()> {
     let listener = runtime::listener::bind(&args.server, false)?;
     let addr = listener.local_addr()?;
     let shutdown = Shutdown::new();
-    let mut config = LoopConfig::new(PATTERN, &args.server);
+    let mut config = ServeConfig::new(PATTERN, &args.server);
     // --max-conns is for the server; each worker takes an equal share, as nginx's
     // worker_connections is per worker. A full worker leaves new connections to the others.
     config.max_conns = (args.server.max_conns / workers).max(1);

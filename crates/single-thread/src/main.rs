@@ -36,7 +36,7 @@ use std::time::Duration;
 use clap::Parser;
 use proto::{Request, Response};
 use runtime::{
-    App, EventLoop, Handler, LoopConfig, LoopHandle, Origin, Route, ServerArgs, Shutdown, Stats,
+    App, EventLoop, Handler, LoopHandle, Origin, Route, ServeConfig, ServerArgs, Shutdown, Stats,
 };
 
 const PATTERN: &str = "single-thread";
@@ -73,7 +73,7 @@ fn main() -> std::io::Result<()> {
 
     let listener = runtime::listener::bind(&args.server, false)?;
     let addr = listener.local_addr()?;
-    let config = LoopConfig::new(PATTERN, &args.server);
+    let config = ServeConfig::new(PATTERN, &args.server);
     let mut event_loop = EventLoop::new(config, stats.worker(0), Shutdown::new())?;
     event_loop.listen(listener)?;
     event_loop.watch_signals()?;

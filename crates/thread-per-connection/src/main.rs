@@ -57,7 +57,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use runtime::blocking::{OpenConns, serve};
 use runtime::listener::{AcceptBackoff, is_out_of_resources};
 use runtime::shutdown::STOP_SIGNALS;
-use runtime::{App, LoopConfig, ServerArgs, Stats};
+use runtime::{App, ServeConfig, ServerArgs, Stats};
 use signal_hook_mio::v1_0::Signals;
 
 const PATTERN: &str = "thread-per-connection";
@@ -96,7 +96,7 @@ fn main() -> io::Result<()> {
     let acceptor = Acceptor::new(listener)?;
     let pool = Arc::new(Pool {
         app: App::new(stats.clone()),
-        config: LoopConfig::new(PATTERN, &args.server),
+        config: ServeConfig::new(PATTERN, &args.server),
         stats,
         open: OpenConns::default(),
         max_threads,
@@ -228,7 +228,7 @@ impl Acceptor {
 /// The threads, and the queue through which the acceptor hands them connections.
 struct Pool {
     app: App,
-    config: LoopConfig,
+    config: ServeConfig,
     stats: Arc<Stats>,
     /// Every connection being served, so shutdown can wake the threads blocked reading them.
     open: OpenConns,
