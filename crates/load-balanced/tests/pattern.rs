@@ -1,7 +1,7 @@
 //! What makes this pattern: one dispatch thread does the I/O, and each request goes to an idle
 //! worker, so a light request never waits behind a heavy one while a worker is free.
 //!
-//! The other half of the claim, that `single-thread` without `--offload` makes the same
+//! The other side of the contrast, that `single-thread` without `--offload` makes the same
 //! requests wait, is asserted in `crates/single-thread/tests/blackbox.rs` with the same
 //! measurement ([`blackbox::checks::heavy_delays_hello`], > 150 ms there). Here the contrast is
 //! made inside this server: with `--workers 1` there is no idle worker, and `GET /` queues
@@ -36,8 +36,8 @@ fn a_heavy_request_does_not_delay_hello() {
     );
 }
 
-/// The test: with 2 workers, while one connection keeps `/work?us=100000` running back
-/// to back, `GET /` on other connections keeps completing well under 50 ms.
+/// The pattern's defining test: with 2 workers, while one connection keeps `/work?us=100000`
+/// running back to back, `GET /` on other connections keeps completing well under 50 ms.
 #[test]
 fn idle_worker_answers_hello_while_another_works_back_to_back() {
     let server = Server::start(BIN, &["--workers", "2"]);
@@ -270,10 +270,10 @@ impl Run {
     }
 }
 
-/// One connection sends `HEAVY` back to back; meanwhile `GET /` goes out on the other
-/// connections, one at a time, a few ms apart (so each lands at a different point of a job),
-/// for at least 1.2 s, `at_least` requests and two completed jobs (a loaded machine stretches
-/// the jobs; 30 s at most).
+/// One connection sends `HEAVY` back to back; once its first job is done, `GET /` goes out on
+/// the other connections, one at a time, a few ms apart (so each lands at a different point of
+/// a job), for at least 1.2 s, `at_least` requests and two more completed jobs (a loaded
+/// machine stretches the jobs; 30 s at most).
 fn light_during_heavy(addr: SocketAddr, at_least: usize) -> Run {
     let mut light: Vec<Client> = (0..LIGHT_CONNECTIONS)
         .map(|_| {
@@ -297,8 +297,16 @@ fn light_during_heavy(addr: SocketAddr, at_least: usize) -> Run {
             }
         })
     };
-    // Let the first job start.
-    thread::sleep(Duration::from_millis(20));
+    // Measure from the end of the first job on: from then on a job is always running (the
+    // heavy client sends the next as soon as a reply arrives).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while heavy_done.load(Ordering::Relaxed) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first {HEAVY} took over 10 s"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
     let start = Instant::now();
     let done_before = heavy_done.load(Ordering::Relaxed);
     let mut latencies = Vec::new();
@@ -313,6 +321,7 @@ fn light_during_heavy(addr: SocketAddr, at_least: usize) -> Run {
         let r = c.request(GET_HELLO);
         latencies.push(sent.elapsed());
         r.assert_status(200).assert_body(HELLO);
+        // Pacing, not synchronization: the next request lands at another point of a job.
         thread::sleep(Duration::from_millis(7));
     }
     let window = start.elapsed();

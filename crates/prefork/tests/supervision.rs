@@ -8,9 +8,17 @@
 //! is told to stop, a request sent just as it closes an idle keep-alive connection is closed
 //! unanswered before any byte of a reply; clients retry that on a new connection (RFC 9112
 //! §9.3.1), and so does the load here, counting it as a retry, not a failure.
+//!
+//! The tests of workers that cannot start set `PREFORK_TEST_FAIL_START` in the server's
+//! environment (read once by the master, in `src/worker.rs`): `SLOT` makes every worker forked
+//! into slot SLOT panic as it starts; `SLOT:fatal` makes it exit with 2 instead. A test hook, so
+//! not a flag in the user's `--help`.
 
 use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -22,6 +30,11 @@ use blackbox::server::describe_exit;
 use blackbox::{Client, Expect, ReadError, Server};
 
 const BIN: &str = env!("CARGO_BIN_EXE_prefork");
+/// The environment variable that makes workers fail at start-up (see the top of this file).
+const FAIL_START: &str = "PREFORK_TEST_FAIL_START";
+/// How long a worker must live for the master to respawn it at once when it dies (the master's
+/// STABLE_AFTER, 1 s, with a margin).
+const PAST_STABLE: Duration = Duration::from_millis(1200);
 
 // ---- /stats shows the processes ----------------------------------------------------------------
 
@@ -90,10 +103,13 @@ fn sigkill_worker_under_load_blocking() {
 fn sigkill_worker_under_load(mode: &str, workers: usize, clients: usize) {
     let workers_arg = workers.to_string();
     let server = Server::start(BIN, &["--mode", mode, "--workers", &workers_arg]);
+    // The workers were forked before the start-up line, so from here on they are older.
+    let started = Instant::now();
     let load = Load::start(server.addr(), clients, Retry::Never);
-    // Past the master's "died young" threshold, so the respawn is immediate.
-    thread::sleep(Duration::from_millis(1200));
     load.wait_served(20 * clients as u64);
+    // Not a guess that something has happened: the wait *is* the condition. Once the workers
+    // have lived past the master's "died young" threshold, the respawn is immediate.
+    thread::sleep(PAST_STABLE.saturating_sub(started.elapsed()));
 
     let (stats, text) = fetch_stats(server.addr());
     let before = slots(&stats);
@@ -240,7 +256,7 @@ fn sigterm_under_load_leaves_no_process(mode: &str, workers: usize, clients: usi
     let mut slow = Client::connect(server.addr());
     slow.request(GET_HELLO).assert_status(200);
     slow.send(get("/block?ms=500"));
-    thread::sleep(Duration::from_millis(100));
+    wait_until_read(&slow);
 
     load.expect_close();
     server.signal(libc::SIGTERM);
@@ -275,7 +291,7 @@ fn sigterm_kills_stragglers_after_the_shutdown_timeout() {
     let mut stuck = Client::connect(server.addr());
     stuck.request(GET_HELLO).assert_status(200);
     stuck.send(get("/block?ms=8000"));
-    thread::sleep(Duration::from_millis(200));
+    wait_until_read(&stuck);
     server.signal(libc::SIGTERM);
     match server.wait_exit(Duration::from_secs(6)) {
         Some(status) if status.code() == Some(0) => {}
@@ -313,10 +329,15 @@ fn fast_stop(signals: &[i32]) {
     let mut slow = Client::connect(server.addr());
     slow.request(GET_HELLO).assert_status(200);
     slow.send(get("/block?ms=8000"));
-    thread::sleep(Duration::from_millis(200));
-    for &signal in signals {
+    wait_until_read(&slow);
+    for (i, &signal) in signals.iter().enumerate() {
         server.signal(signal);
-        thread::sleep(Duration::from_millis(100));
+        if i + 1 < signals.len() {
+            // Two signals of a kind that arrive before the master looks are one: wait until it
+            // has acted on this one (only a first SIGINT comes before another here).
+            let acted = || server.stderr_text().contains("graceful stop").then_some(());
+            wait_for("the master to begin the graceful stop", TIMEOUT, acted);
+        }
     }
     let exit = server.wait_exit(Duration::from_secs(4));
     match exit {
@@ -338,7 +359,8 @@ fn fast_stop(signals: &[i32]) {
 /// a handful of forks in 2 s, while the other worker serves on.
 #[test]
 fn worker_failing_at_start_is_not_respawned_in_a_loop() {
-    let server = Server::start(BIN, &["--workers", "2", "--test-fail-start", "1"]);
+    let server = FailingStart::start("1", &["--workers", "2"]);
+    // The 2 s are the measurement: the forks counted in them show the back-off.
     thread::sleep(Duration::from_secs(2));
     let (stats, text) = fetch_stats(server.addr());
     let slots = slots(&stats);
@@ -363,15 +385,21 @@ fn worker_failing_at_start_is_not_respawned_in_a_loop() {
 /// A worker that exits with the reserved code 2 is not respawned; the others serve on.
 #[test]
 fn fatal_exit_code_is_not_respawned() {
-    let server = Server::start(BIN, &["--workers", "2", "--test-fail-start", "1:fatal"]);
-    thread::sleep(Duration::from_millis(1500));
+    let server = FailingStart::start("1:fatal", &["--workers", "2"]);
+    let reaped = || {
+        let text = server.stderr_text();
+        text.contains("not respawning it").then_some(())
+    };
+    wait_for(
+        "the master to reap the worker that exited with 2",
+        TIMEOUT,
+        reaped,
+    );
+    // The observation: a respawn would come within 100 ms (the first back-off); none comes in
+    // ten times that.
+    thread::sleep(Duration::from_secs(1));
     let (stats, text) = fetch_stats(server.addr());
     assert_eq!(slots(&stats)[1].spawns, 1, "slot 1 was respawned: {text}");
-    assert!(
-        server.stderr_text().contains("not respawning it"),
-        "{}",
-        server.stderr_text()
-    );
     assert_eq!(children(server.pid()).len(), 1, "one worker left");
     assert_no_zombies(server.pid());
 }
@@ -379,10 +407,10 @@ fn fatal_exit_code_is_not_respawned() {
 /// When no worker can start, the master gives up with the same code 2.
 #[test]
 fn master_exits_2_when_no_worker_can_start() {
-    let mut child = std::process::Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(["--addr", "127.0.0.1:0", "--workers", "1"])
-        .args(["--test-fail-start", "0:fatal"])
-        .stderr(std::process::Stdio::null())
+        .env(FAIL_START, "0:fatal")
+        .stderr(Stdio::null())
         .spawn()
         .expect("start prefork");
     let started = Instant::now();
@@ -401,6 +429,99 @@ fn master_exits_2_when_no_worker_can_start() {
 }
 
 // ---- helpers -----------------------------------------------------------------------------------
+
+/// How long a wait for something the server does at once may take on a loaded machine.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Polls `probe` every few ms until it returns a value, and returns it; fails after `within`.
+#[track_caller]
+fn wait_for<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "waited {within:?} for {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// prefork with [`FAIL_START`] set to `fail` in its environment. blackbox's `Server` sets no
+/// environment, so this starts the process the way `Server` does: port 0, its own process
+/// group (all of it killed on drop), the address read from the start-up line, stderr kept.
+struct FailingStart {
+    child: Child,
+    addr: SocketAddr,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl FailingStart {
+    #[track_caller]
+    fn start(fail: &str, args: &[&str]) -> FailingStart {
+        let mut child = Command::new(BIN)
+            .args(["--addr", "127.0.0.1:0"])
+            .args(args)
+            .env(FAIL_START, fail)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("start prefork");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = BufReader::new(child.stderr.take().expect("piped stderr"));
+        let text = stderr.clone();
+        thread::spawn(move || {
+            for line in pipe.lines().map_while(Result::ok) {
+                let mut text = text.lock().unwrap_or_else(|e| e.into_inner());
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        let mut server = FailingStart {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            stderr,
+        };
+        server.addr = wait_for("the start-up line", TIMEOUT, || {
+            let text = server.stderr_text();
+            let (_, rest) = text.split_once("listening on http://")?;
+            rest.split_whitespace()
+                .next()?
+                .trim_end_matches('/')
+                .parse()
+                .ok()
+        });
+        server
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stderr_text(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for FailingStart {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions; the negative pid names the process
+        // group the master leads (process_group(0)): the master and the workers it forked.
+        unsafe { libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL) };
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!("--- prefork stderr ---\n{}--- end ---", self.stderr_text());
+        }
+    }
+}
 
 /// `GET /stats` on a new connection, parsed. A worker told to stop may close a connection it
 /// has just accepted before the request arrives; like the load, this retries that.
@@ -539,16 +660,60 @@ fn peer_ports(pid: u32, port: u16) -> HashSet<u16> {
             inodes.insert(inode.to_string());
         }
     }
-    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    tcp_sockets()
+        .into_iter()
+        .filter(|s| inodes.contains(&s.inode) && s.local_port == port)
+        .map(|s| s.remote_port)
+        .collect()
+}
+
+/// Waits until the server has read all that `c` sent: first the server's kernel acknowledges
+/// the bytes (`c`'s send queue is empty), then they leave its receive queue, read by a worker.
+/// A request read is a request in progress, which a graceful stop finishes.
+#[track_caller]
+fn wait_until_read(c: &Client) {
+    let local = c.stream().local_addr().expect("local address").port();
+    let server = c.stream().peer_addr().expect("peer address").port();
+    let find = |from: u16, to: u16| {
+        let is = |s: &TcpSocket| s.local_port == from && s.remote_port == to && s.established;
+        tcp_sockets().into_iter().find(is)
+    };
+    let acked = || find(local, server).filter(|s| s.send_queue == 0);
+    wait_for("the server to acknowledge the request", TIMEOUT, acked);
+    let read = || find(server, local).filter(|s| s.receive_queue == 0);
+    wait_for("a worker to read the request", TIMEOUT, read);
+}
+
+/// One line of /proc/net/tcp: a TCP socket of this network namespace (the servers' too).
+struct TcpSocket {
+    local_port: u16,
+    remote_port: u16,
+    established: bool,
+    /// Bytes sent and not yet acknowledged.
+    send_queue: u64,
+    /// Bytes received and not yet read.
+    receive_queue: u64,
+    inode: String,
+}
+
+fn tcp_sockets() -> Vec<TcpSocket> {
+    let table = std::fs::read_to_string("/proc/self/net/tcp").unwrap_or_default();
     let hex_port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
     table
         .lines()
         .skip(1)
         .filter_map(|line| {
-            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            // sl local_address rem_address st tx_queue:rx_queue tr:when retrnsmt uid timeout inode
             let f: Vec<&str> = line.split_whitespace().collect();
-            let (local, remote, inode) = (f.get(1)?, f.get(2)?, f.get(9)?);
-            (inodes.contains(*inode) && hex_port(local) == Some(port)).then(|| hex_port(remote))?
+            let (send, receive) = f.get(4)?.split_once(':')?;
+            Some(TcpSocket {
+                local_port: hex_port(f.get(1)?)?,
+                remote_port: hex_port(f.get(2)?)?,
+                established: *f.get(3)? == "01",
+                send_queue: u64::from_str_radix(send, 16).ok()?,
+                receive_queue: u64::from_str_radix(receive, 16).ok()?,
+                inode: f.get(9)?.to_string(),
+            })
         })
         .collect()
 }
@@ -619,6 +784,7 @@ impl Load {
                                 Err(_) if closing.load(Ordering::Relaxed) => return,
                                 Err(e) => {
                                     fail(0, format!("client {i}: connect: {e}"));
+                                    // A pause before trying again, not a wait for anything.
                                     thread::sleep(Duration::from_millis(50));
                                     continue;
                                 }

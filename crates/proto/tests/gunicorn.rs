@@ -17,8 +17,9 @@ use serde_json::Value;
 
 /// Cases where our verdict differs from gunicorn's, with why.
 const POLICY: &[(&str, &str)] = &[
-    // Transfer codings: the rule is 501 for anything but chunked. RFC 9112 dropped
-    // `identity`; gunicorn skips it (and gzip before chunked) and decodes the chunks anyway.
+    // Transfer codings: we decode chunked only and answer 501 for any other (RFC 9112 6.1: a
+    // coding the server does not understand SHOULD get 501). RFC 9112 dropped `identity`;
+    // gunicorn skips it (and gzip before chunked) and decodes the chunks anyway.
     (
         "valid/009.http",
         "Transfer-Encoding: identity is not a coding we implement: 501",
@@ -100,7 +101,8 @@ const POLICY: &[(&str, &str)] = &[
         "invalid/008.http",
         "no per-field size limit; the whole head is within --max-head",
     ),
-    // Methods: the rule is that any token is a method for the parser.
+    // Methods: to the parser any token is a method (RFC 9110 9.1); the application answers
+    // 501 for one it does not implement.
     (
         "invalid/003c.http",
         "-bl is a token, so a method (the app answers 501)",

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::io::ErrorKind;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use blackbox::checks::{GET_HELLO, fetch_stats, get};
 use blackbox::json::Value;
@@ -58,9 +58,10 @@ fn a_stalled_worker_stalls_its_share() {
     let mut slow = Client::connect(server.addr());
     slow.request(GET_HELLO).assert_status(200);
     slow.send(get("/block?ms=5000"));
-    thread::sleep(Duration::from_millis(200));
+    wait_until_read(&slow);
 
     // With 40 connections, the chance that none hashes to the stalled worker is (3/4)^40, 1e-5.
+    let sent = Instant::now();
     let mut conns: Vec<Client> = (0..40)
         .map(|_| {
             let mut c = Client::connect(server.addr());
@@ -68,7 +69,11 @@ fn a_stalled_worker_stalls_its_share() {
             c
         })
         .collect();
-    thread::sleep(Duration::from_secs(1));
+    wait_for("a first reply from an idle worker", || {
+        conns.iter().any(has_reply).then_some(())
+    });
+    // The observation itself: a second in, the stalled worker's share is still unanswered.
+    thread::sleep(Duration::from_secs(1).saturating_sub(sent.elapsed()));
     let (answered, waiting): (Vec<usize>, Vec<usize>) =
         (0..conns.len()).partition(|&i| has_reply(&conns[i]));
     eprintln!(
@@ -79,7 +84,7 @@ fn a_stalled_worker_stalls_its_share() {
     );
     assert!(
         !has_reply(&slow),
-        "the /block?ms=5000 reply came within 1.2 s: the test's premise failed"
+        "the /block?ms=5000 reply has come already: the test's premise failed"
     );
     assert!(
         !answered.is_empty() && !waiting.is_empty(),
@@ -98,6 +103,51 @@ fn a_stalled_worker_stalls_its_share() {
             .assert_status(200)
             .assert_body("Hello, World!");
     }
+}
+
+/// Polls `probe` every few ms until it returns a value; fails after 3 s (well inside the 5 s
+/// block, so that what follows still sees it).
+#[track_caller]
+fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "waited 3 s for {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until the server has read all that `c` sent, so that the request is being handled:
+/// first the server's kernel acknowledges the bytes (`c`'s send queue is empty), then they
+/// leave its receive queue. Both queues are in /proc/net/tcp.
+#[track_caller]
+fn wait_until_read(c: &Client) {
+    let me = c.stream().local_addr().expect("local address").port();
+    let server = c.stream().peer_addr().expect("peer address").port();
+    // (send queue, receive queue) of the established socket from port `from` to port `to`.
+    let queues = |from: u16, to: u16| -> Option<(u64, u64)> {
+        let table = std::fs::read_to_string("/proc/self/net/tcp").ok()?;
+        let hex = |field: &str| u64::from_str_radix(field, 16).ok();
+        let port = |addr: &str| hex(addr.rsplit(':').next()?);
+        table.lines().skip(1).find_map(|line| {
+            // sl local_address rem_address st tx_queue:rx_queue ...
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let ends = (port(f.get(1)?)?, port(f.get(2)?)?);
+            if ends != (u64::from(from), u64::from(to)) || *f.get(3)? != "01" {
+                return None;
+            }
+            let (tx, rx) = f.get(4)?.split_once(':')?;
+            Some((hex(tx)?, hex(rx)?))
+        })
+    };
+    wait_for("the server to acknowledge the request", || {
+        queues(me, server).filter(|&(sent, _)| sent == 0)
+    });
+    wait_for("a worker to read the request", || {
+        queues(server, me).filter(|&(_, received)| received == 0)
+    });
 }
 
 /// Whether a reply (any byte of one) has arrived, without waiting.
