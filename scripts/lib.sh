@@ -12,9 +12,10 @@
 # Server CPU, the one meaning every script here gives it (cpu_ticks): the utime+stime of the
 # server's whole process tree from /proc/PID/stat: every thread of the server and of every
 # descendant still running, plus the cutime+cstime of each of them, that is the CPU of the
-# children they have already reaped (a prefork worker that exited, a snapshot child). Read just
+# children they have already reaped. Those count because a child's work is the server's work:
+# a prefork worker that exited and was replaced during the run, a snapshot child. Read just
 # before and just after a client's run, and divided by every reply that client counted in that
-# run, it is "server CPU per request".
+# run, it is "server CPU per request" (docs/benchmarks.md).
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HZ=$(getconf CLK_TCK)
