@@ -40,14 +40,16 @@
 #   idle       -c 10 --idle 5000            keep-alive hello next to 5000 idle connections
 #
 # Writes DIR/runs/PATTERN--WORKLOAD.json (the pattern, the workload, the server's CPU seconds
-# over the run: utime+stime of its whole process tree from /proc, and loadgen's JSON),
+# over the run: utime+stime of its whole process tree and of the children it reaped, from /proc,
+# the same as bench-hello.sh's: cpu_ticks in scripts/lib.sh; and loadgen's JSON),
 # DIR/setup.md, then `loadgen report DIR`: DIR/summary.md and SVG charts. Each server is
 # started fresh for each workload and stopped with SIGTERM after it. Everything it starts is
 # stopped on exit, including on failure or Ctrl-C.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-HZ=$(getconf CLK_TCK)
+PROG=compare
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ALL_WORKLOADS=(hello pipelined churn mix idle)
 
 QUICK=0
@@ -70,18 +72,9 @@ BUILD=1
 OUT=
 PATTERNS=()
 
-declare -A LIVE=()   # pid -> what it is, for every process we started and have not reaped
 CGROUP=              # the cgroup directory we made, if any
 CGROUP_KIND=         # v2 or v1
 TMP=
-
-log() { printf '%s\n' "$*" >&2; }
-die() { log "compare: $*"; exit 1; }
-
-usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
-
-number() { [[ $2 =~ ^[0-9]+([.][0-9]+)?$ ]] || die "$1: not a number: $2"; }
-whole() { [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1: not a positive whole number: $2"; }
 
 parse_args() {
     while (($#)); do
@@ -143,73 +136,13 @@ parse_args() {
     [[ -n $OUT ]] || OUT=$ROOT/results/$(date +%Y%m%d-%H%M%S)
 }
 
-# Crates that build a binary (src/main.rs, src/bin/ or a [[bin]] table), except loadgen.
-all_patterns() {
-    local dir name
-    for dir in "$ROOT"/crates/*/; do
-        name=$(basename "$dir")
-        [[ $name == loadgen ]] && continue
-        if [[ -f $dir/src/main.rs || -d $dir/src/bin ]] || grep -q '^\[\[bin\]\]' "$dir/Cargo.toml" 2>/dev/null; then
-            echo "$name"
-        fi
-    done
-}
-
-# ---------------------------------------------------------------- process bookkeeping
+# ---------------------------------------------------------------- processes
 
 cleanup() {
     set +e # stop everything even if one step fails
-    local pid
-    for pid in "${!LIVE[@]}"; do [[ ${LIVE[$pid]} == client ]] && alive "$pid" && kill -TERM "$pid"; done
-    for pid in "${!LIVE[@]}"; do [[ ${LIVE[$pid]} == server ]] && stop_server "$pid"; done
-    for pid in "${!LIVE[@]}"; do reap "$pid" 3; done
+    stop_all
     remove_cgroup
     [[ -n $TMP ]] && rm -rf "$TMP"
-}
-
-# alive PID: PID is still a running child of this script (not a recycled number).
-alive() {
-    local stat f
-    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    read -ra f <<<"${stat##*) }" # comm (field 2) may hold spaces: split after its ')'
-    [[ ${f[0]} != Z && ${f[1]} == "$$" ]]
-}
-
-# reap PID SECONDS: wait for our child PID to exit, SIGKILL it (and its tree) after SECONDS.
-reap() {
-    local pid=$1 tries=$(($2 * 10))
-    while alive "$pid" && ((tries-- > 0)); do sleep 0.1; done
-    # shellcheck disable=SC2046 # one pid per word
-    if alive "$pid"; then kill -KILL $(proc_tree "$pid") 2>/dev/null || true; fi
-    wait "$pid" 2>/dev/null || true
-    unset "LIVE[$pid]"
-}
-
-# PID and all its descendants (a prefork server is a process tree).
-proc_tree() {
-    local child
-    echo "$1"
-    for child in $(pgrep -P "$1" || true); do proc_tree "$child"; done
-}
-
-stop_server() {
-    local pid=$1
-    # SIGTERM to the top only: a supervisor stops its own workers.
-    if alive "$pid"; then kill -TERM "$pid" 2>/dev/null || true; fi
-    reap "$pid" 5
-}
-
-# utime+stime in clock ticks, summed over a process tree (field 2, comm, may hold spaces:
-# split after its closing paren; then utime is word 12). Exited children that were reaped
-# count too (cutime+cstime, words 14 and 15).
-cpu_ticks() {
-    local pid stat f total=0
-    for pid in $(proc_tree "$1"); do
-        stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
-        read -ra f <<<"${stat##*) }"
-        total=$((total + f[11] + f[12] + f[13] + f[14]))
-    done
-    echo "$total"
 }
 
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
@@ -258,31 +191,6 @@ remove_cgroup() {
 
 # ---------------------------------------------------------------- servers
 
-BIN_DIR=
-bin_dir() {
-    local target=${CARGO_TARGET_DIR:-$ROOT/target}
-    if [[ $PROFILE == dev ]]; then echo "$target/debug"; else echo "$target/release"; fi
-}
-
-# Build loadgen and all patterns in one cargo call; if that fails, keep the patterns that build.
-build() {
-    local p ok=() args=(-p loadgen) flags=()
-    [[ $PROFILE == release ]] && flags=(--release)
-    for p in "${PATTERNS[@]}"; do args+=(-p "$p"); done
-    log "== cargo build ${flags[*]} ${args[*]}"
-    if (cd "$ROOT" && "${CARGO:-cargo}" build "${flags[@]}" "${args[@]}") >&2; then return; fi
-    (cd "$ROOT" && "${CARGO:-cargo}" build "${flags[@]}" -p loadgen) >&2 || die "loadgen does not build"
-    for p in "${PATTERNS[@]}"; do
-        if (cd "$ROOT" && "${CARGO:-cargo}" build "${flags[@]}" -p "$p") >"$TMP/build-$p.log" 2>&1; then
-            ok+=("$p")
-        else
-            log "skipping $p: cargo build -p $p failed (last lines below)"
-            tail -n 5 "$TMP/build-$p.log" | sed 's/^/    /' >&2
-        fi
-    done
-    PATTERNS=("${ok[@]}")
-}
-
 # launcher [CPUS]: a prefix (in LAUNCH) that runs a command pinned to CPUS and inside the
 # cgroup, if any. The child shell joins the cgroup and then execs, so the command and every
 # thread and process it makes start inside.
@@ -293,87 +201,6 @@ launcher() {
         LAUNCH=(bash -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$CGROUP")
     fi
     if [[ -n ${1:-} ]]; then LAUNCH+=(taskset -c "$1"); fi
-}
-
-# start_server TARGET DIR: starts it, waits for its address; sets SERVER_PID and SERVER_ADDR.
-start_server() {
-    local target=$1 dir=$2 tries=100 line
-    mkdir -p "$dir"
-    launcher "$SERVER_CPUS"
-    if [[ $target == nginx ]]; then
-        local port
-        port=$(free_port)
-        write_nginx_conf "$port" "$dir"
-        "${LAUNCH[@]}" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" 2>"$dir/stderr" >/dev/null &
-        SERVER_ADDR=127.0.0.1:$port
-    else
-        "${LAUNCH[@]}" "$BIN_DIR/$target" --addr 127.0.0.1:0 --workers "$WORKERS" --shutdown-timeout 2s \
-            2>"$dir/stderr" >/dev/null &
-        SERVER_ADDR=
-    fi
-    # bash -c and taskset exec, so $! is the server itself.
-    SERVER_PID=$!
-    LIVE[$SERVER_PID]=server
-    while ((tries--)); do
-        alive "$SERVER_PID" || break
-        if [[ $target == nginx ]]; then
-            (exec 3<>"/dev/tcp/${SERVER_ADDR%:*}/${SERVER_ADDR#*:}") 2>/dev/null && return 0
-        else
-            # "<pattern> listening on http://ADDR (workers: N, pid: P)"
-            line=$(grep -m1 -o 'listening on http://[^ ]*' "$dir/stderr" 2>/dev/null || true)
-            if [[ -n $line ]]; then
-                SERVER_ADDR=${line#listening on http://}
-                return 0
-            fi
-        fi
-        sleep 0.1
-    done
-    log "  $target did not start; its stderr:"
-    sed 's/^/    /' "$dir/stderr" "$dir/error.log" >&2 2>/dev/null || true
-    stop_server "$SERVER_PID"
-    return 1
-}
-
-# A port nothing listens on, below the ephemeral range (only nginx needs one chosen for it).
-free_port() {
-    local port tries=100
-    while ((tries--)); do
-        port=$((20000 + RANDOM % 12000))
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return; }
-    done
-    die "no free port found"
-}
-
-write_nginx_conf() {
-    local port=$1 dir=$2 master=on
-    ((WORKERS == 1)) && master=off # one process: its /proc/PID/stat is the worker's
-    mkdir -p "$dir/tmp"
-    cat >"$dir/nginx.conf" <<EOF
-worker_processes $WORKERS;
-worker_rlimit_nofile 20000;
-daemon off;
-master_process $master;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 16000; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    keepalive_timeout 65s;
-    client_body_temp_path $dir/tmp/body;
-    proxy_temp_path $dir/tmp/proxy;
-    fastcgi_temp_path $dir/tmp/fastcgi;
-    uwsgi_temp_path $dir/tmp/uwsgi;
-    scgi_temp_path $dir/tmp/scgi;
-    server {
-        listen 127.0.0.1:$port;
-        location / {
-            default_type text/plain;
-            return 200 "Hello, World!";
-        }
-    }
-}
-EOF
 }
 
 # ---------------------------------------------------------------- runs
@@ -391,29 +218,23 @@ workload_args() {
 
 # run_loadgen WORKLOAD ADDR FILE: the measured run; loadgen's JSON lands in FILE.
 run_loadgen() {
-    local workload=$1 addr=$2 file=$3 pid rc=0 pin=() args
+    local workload=$1 addr=$2 file=$3 rc=0 pin=() args
     read -ra args <<<"$(workload_args "$workload")"
     [[ $workload == mix ]] && args+=(-r '99:GET /' -r '1:GET /work?us=5000')
     [[ -n $LOADGEN_CPUS ]] && pin=(taskset -c "$LOADGEN_CPUS")
-    "${pin[@]}" "$BIN_DIR/loadgen" -t "$LG_THREADS" "${args[@]}" --warmup "${WARMUP}s" \
-        --duration "${DURATION}s" --timeout 2s --json "http://$addr/" >"$file" 2>"$file.err" &
-    pid=$!
-    LIVE[$pid]=client
-    wait "$pid" || rc=$?
-    unset "LIVE[$pid]"
+    run_client "$file" "$file.err" "${pin[@]}" "$BIN_DIR/loadgen" -t "$LG_THREADS" "${args[@]}" \
+        --warmup "${WARMUP}s" --duration "${DURATION}s" --timeout 2s --json "http://$addr/" || rc=$?
     if ((rc != 0)); then
         log "  loadgen failed ($rc): $(cat "$file.err")"
         return 1
     fi
 }
 
-# json_field FILE KEY: a top-level number from loadgen's one-line JSON.
-json_field() { grep -o "\"$2\":[0-9.e+-]*" "$1" | head -n1 | cut -d: -f2; }
-
 # bench TARGET WORKLOAD: one fresh server, one loadgen run, one runs/*.json file.
 bench() {
     local target=$1 workload=$2 dir="$TMP/$1-$2" raw t0 t1 load0 cpu_s pid
-    if ! start_server "$target" "$dir"; then
+    launcher "$SERVER_CPUS"
+    if ! start_target "$target" "$dir"; then
         log "  skipped $target/$workload: the server did not start"
         return
     fi
@@ -422,7 +243,7 @@ bench() {
     load0=$(loadavg)
     t0=$(cpu_ticks "$pid")
     if ! run_loadgen "$workload" "$SERVER_ADDR" "$raw"; then
-        stop_server "$pid"
+        stop_pid "$pid"
         return
     fi
     t1=$(cpu_ticks "$pid")
@@ -432,13 +253,13 @@ bench() {
         reap "$pid" 0
         return
     fi
-    stop_server "$pid"
+    stop_pid "$pid"
     cpu_s=$(awk -v t=$((t1 - t0)) -v hz="$HZ" 'BEGIN { printf "%.3f", t / hz }')
     printf '{"pattern":"%s","workload":"%s","server_cpu_s":%s,"loadavg":"%s","loadgen":%s}\n' \
         "$target" "$workload" "$cpu_s" "$load0" "$(cat "$raw")" >"$OUT/runs/$target--$workload.json"
     local rps p99 errors all
-    rps=$(json_field "$raw" requests_per_s)
-    all=$(json_field "$raw" all_responses)
+    rps=$(jfield requests_per_s "$(<"$raw")")
+    all=$(jfield all_responses "$(<"$raw")")
     errors=$(grep -o '"errors":{[^}]*}' "$raw" | grep -o ':[0-9]*' | tr -d : | awk '{ s += $1 } END { print s + 0 }')
     p99=$(grep -o '"latency_us":{[^}]*' "$raw" | grep -o '"p99":[0-9.]*' | cut -d: -f2)
     awk -v w="$workload" -v rps="$rps" -v p99="$p99" -v cpu="$cpu_s" -v all="$all" -v e="$errors" 'BEGIN {
@@ -449,16 +270,16 @@ bench() {
 
 compare_main() {
     BIN_DIR=$(bin_dir)
-    if ((BUILD)); then build; fi
+    if ((BUILD)); then build_patterns loadgen; fi
     [[ -x $BIN_DIR/loadgen ]] || die "no $BIN_DIR/loadgen (build it, or drop --no-build)"
-    local p ok=()
-    for p in "${PATTERNS[@]}"; do
-        if [[ -x $BIN_DIR/$p ]]; then ok+=("$p"); else log "skipping $p: no $BIN_DIR/$p"; fi
-    done
-    PATTERNS=("${ok[@]}")
+    keep_built_patterns
     local targets=("${PATTERNS[@]}")
     if ((WITH_NGINX)); then
-        if command -v nginx >/dev/null; then targets=(nginx "${targets[@]}"); else log "skipping nginx: not installed (apt-get install -y nginx)"; fi
+        if command -v nginx >/dev/null && command -v ss >/dev/null; then
+            targets=(nginx "${targets[@]}")
+        else
+            log "skipping nginx: nginx or ss not installed (apt-get install -y nginx iproute2)"
+        fi
     fi
     ((${#targets[@]})) || die "nothing to measure"
     [[ -n $CPU_MAX ]] && make_cgroup "$CPU_MAX"
@@ -519,18 +340,15 @@ EOF
 # One nginx worker on core 1; wrk and loadgen take turns on core 0, same flags, same nginx.
 vs_wrk_main() {
     local tool
-    for tool in nginx wrk taskset; do
+    for tool in nginx wrk taskset ss; do
         command -v "$tool" >/dev/null || die "$tool not found (apt-get install -y nginx wrk)"
     done
     BIN_DIR=$(bin_dir)
-    if ((BUILD)); then
-        local flags=()
-        [[ $PROFILE == release ]] && flags=(--release)
-        (cd "$ROOT" && "${CARGO:-cargo}" build "${flags[@]}" -p loadgen) >&2
-    fi
+    if ((BUILD)); then cargo_build -p loadgen >&2; fi
     local dir="$TMP/nginx" round secs=${DURATION} table="$TMP/vs-wrk.tsv"
-    WORKERS=1 SERVER_CPUS=1 CGROUP=
-    start_server nginx "$dir" || die "nginx did not start"
+    WORKERS=1 CGROUP=
+    launcher 1
+    start_target nginx "$dir" || die "nginx did not start"
     local cap="uncapped"
     if [[ -n $GEN_CPU_MAX ]]; then
         # After nginx started: only the generators go into this cgroup.
@@ -543,7 +361,7 @@ vs_wrk_main() {
         vs_wrk_run wrk "$round" "$secs" "$table"
         vs_wrk_run loadgen "$round" "$secs" "$table"
     done
-    stop_server "$SERVER_PID"
+    stop_pid "$SERVER_PID"
     mkdir -p "$OUT"
     {
         echo "nginx 1 worker pinned to core 1; each generator -t1 -c50 -d${secs}s pinned to core 0, $cap; alternating ($(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r))"
@@ -559,36 +377,24 @@ vs_wrk_main() {
     } | tee "$OUT/vs-wrk.md"
 }
 
-# CPU seconds (user+sys) of this shell's reaped children, from the `times` builtin. It must run
-# in this shell, not in $(...): a subshell starts with its own, empty children account.
-children_cpu_to() {
-    times >"$1"
-    awk 'NR == 2 { t = 0; for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] } print t }' "$1" >"$1.s"
-}
-
 # vs_wrk_run TOOL ROUND SECS TABLE: one pinned run; appends "round tool rps cpu% us/req load".
 vs_wrk_run() {
-    local tool=$1 round=$2 secs=$3 table=$4 out="$TMP/$1-$2.out" pid load cpu rps n
+    local tool=$1 round=$2 secs=$3 table=$4 out="$TMP/$1-$2.out" load cmd cpu rps n
     load=$(loadavg)
-    children_cpu_to "$out.t0"
     launcher 0
     if [[ $tool == wrk ]]; then
-        "${LAUNCH[@]}" wrk -t1 -c50 -d"${secs}s" "http://$SERVER_ADDR/" >"$out" 2>&1 &
+        cmd=(wrk -t1 -c50 -d"${secs}s" "http://$SERVER_ADDR/")
     else
-        "${LAUNCH[@]}" "$BIN_DIR/loadgen" -t1 -c50 -d"${secs}s" --json "http://$SERVER_ADDR/" >"$out" 2>&1 &
+        cmd=("$BIN_DIR/loadgen" -t1 -c50 -d"${secs}s" --json "http://$SERVER_ADDR/")
     fi
-    pid=$!
-    LIVE[$pid]=client
-    wait "$pid" || die "$tool failed: $(cat "$out")"
-    unset "LIVE[$pid]"
-    children_cpu_to "$out.t1"
-    cpu=$(awk '{ print $1 - t0 }' t0="$(cat "$out.t0.s")" "$out.t1.s")
+    run_client "$out" "$out" "${LAUNCH[@]}" "${cmd[@]}" || die "$tool failed: $(cat "$out")"
+    cpu=$CLIENT_CPU
     if [[ $tool == wrk ]]; then
-        rps=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
-        n=$(awk '/ requests in / { print $1 }' "$out")
+        rps=$(wrk_rps "$out")
+        n=$(wrk_requests "$out")
     else
-        rps=$(json_field "$out" requests_per_s)
-        n=$(json_field "$out" all_responses) # like wrk's count: every reply of the run
+        rps=$(jfield requests_per_s "$(<"$out")")
+        n=$(jfield all_responses "$(<"$out")") # like wrk's count: every reply of the run
     fi
     awk -v r="$round" -v t="$tool" -v rps="$rps" -v n="$n" -v cpu="$cpu" -v s="$secs" -v l="$load" \
         'BEGIN { printf "%s\t%s\t%.0f\t%.0f\t%.2f\t%s\n", r, t, rps, 100 * cpu / s, 1e6 * cpu / n, l }' >>"$table"
@@ -597,9 +403,7 @@ vs_wrk_run() {
 
 main() {
     parse_args "$@"
-    trap cleanup EXIT
-    trap 'exit 130' INT
-    trap 'exit 143' TERM
+    on_exit cleanup
     TMP=$(mktemp -d "${TMPDIR:-/tmp}/compare.XXXXXX")
     if ((VS_WRK)); then vs_wrk_main; else compare_main; fi
 }

@@ -21,7 +21,9 @@
 # Pages: docs/demo-NAME.md explains each demo and shows a real run.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PROG=demo
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 DEMOS_DIR="$ROOT/scripts/demos"
 # shellcheck disable=SC2034 # used by the demos
 TCP="$DEMOS_DIR/tcp.py"
@@ -41,8 +43,7 @@ DEMO_LIST=(
 QUICK=0
 PROFILE=${DEMO_PROFILE:-release}
 TMP=
-declare -a PIDS=()       # every process we started, killed on exit
-declare -a NETNS=()      # every network namespace we made, deleted on exit
+declare -a NETNS=()      # every network namespace we made, deleted on exit (processes: LIVE)
 PRIV_COUNT=0
 
 # ---------------------------------------------------------------- output
@@ -51,15 +52,11 @@ say() { printf '%s\n' "$*"; }
 step() { printf '\n== %s\n' "$*"; }
 skipped() { printf 'skipped: %s\n' "$*"; }
 verdict() { printf '\nverdict: %s\n' "$*"; }
-die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
 # Indents a command's output under the step that ran it.
 indent() { sed 's/^/    /'; }
 
 # kv NAME TEXT: VALUE from NAME=VALUE in TEXT (the helpers' summary lines).
 kv() { grep -o "\b$1=[^ ]*" <<<"$2" | head -1 | cut -d= -f2-; }
-
-# jfield NAME JSON: the value of field NAME of a flat JSON object (quotes removed).
-jfield() { grep -o "\"$1\":[^,}]*" <<<"$2" | head -1 | cut -d: -f2- | tr -d '"'; }
 
 # `quick A B`: A normally, B with --quick.
 quick() { if ((QUICK)); then printf '%s' "$2"; else printf '%s' "$1"; fi; }
@@ -101,15 +98,12 @@ can_netns() {
 
 # Builds the servers a demo runs, then sets BIN to their directory.
 build() {
-    local target_dir=${CARGO_TARGET_DIR:-$ROOT/target}
-    BIN="$target_dir/$PROFILE"
+    BIN=$(bin_dir)
+    local p
     if [ "${DEMO_NO_BUILD:-0}" != 1 ]; then
         local flags=(--quiet)
-        [ "$PROFILE" = release ] && flags+=(--release)
-        [ "$PROFILE" != release ] && [ "$PROFILE" != debug ] && flags+=(--profile "$PROFILE")
-        local p
         for p in "$@"; do flags+=(-p "$p"); done
-        (cd "$ROOT" && "${CARGO:-cargo}" build "${flags[@]}") || die "cargo build failed"
+        cargo_build "${flags[@]}" || die "cargo build failed"
     fi
     for p in "$@"; do
         [ -x "$BIN/$p" ] || die "no $BIN/$p (build it: cargo build --release -p $p)"
@@ -123,7 +117,7 @@ build() {
 start_server() {
     local var=$1 ns=$2 bin=$3
     shift 3
-    local err="$TMP/$var.stderr" pid addr
+    local err="$TMP/$var.stderr" pid
     if [ "$ns" = - ]; then
         "$BIN/$bin" "$@" 2>"$err" &
     else
@@ -131,17 +125,13 @@ start_server() {
         ip netns exec "$ns" "$BIN/$bin" "$@" 2>"$err" &
     fi
     pid=$!
-    PIDS+=("$pid")
-    local deadline=$((SECONDS + 20))
-    until addr=$(grep -o 'listening on http://[^ ]*' "$err" 2>/dev/null | head -1 | sed 's|.*http://||') && [ -n "$addr" ]; do
-        if ! kill -0 "$pid" 2>/dev/null || ((SECONDS > deadline)); then
-            cat "$err" >&2
-            die "$bin did not start"
-        fi
-        sleep 0.05
-    done
+    LIVE[$pid]=server
+    if ! wait_started "$pid" "$err" 20; then
+        cat "$err" >&2
+        die "$bin did not start"
+    fi
     printf -v "${var}_PID" '%s' "$pid"
-    printf -v "${var}_ADDR" '%s' "$addr"
+    printf -v "${var}_ADDR" '%s' "$STARTED_ADDR"
 }
 
 # background NETNS CMD...: runs an external command in the background (in network namespace
@@ -155,21 +145,7 @@ background() {
         ip netns exec "$ns" "$@" &
     fi
     BG_PID=$!
-    PIDS+=("$BG_PID")
-}
-
-# Stops one process we started: SIGCONT (it may be stopped), SIGTERM, and SIGKILL after 3 s.
-stop_pid() {
-    local pid=$1
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -CONT "$pid" 2>/dev/null || true
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 30); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
+    LIVE[$BG_PID]=client
 }
 
 # A process's resident memory in KiB.
@@ -239,9 +215,10 @@ counter() {
 # ---------------------------------------------------------------- clean-up
 
 cleanup() {
-    local rc=$? pid ns
+    local rc=$? ns
     trap - EXIT INT TERM
-    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+    set +e # remove everything even if one step fails
+    stop_all
     for ns in "${NETNS[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
     [ -n "$TMP" ] && rm -rf "$TMP"
     exit "$rc"
@@ -290,9 +267,7 @@ main() {
         exit "$rc"
     fi
     TMP=$(mktemp -d "${TMPDIR:-/tmp}/demo.XXXXXX")
-    trap cleanup EXIT
-    trap 'exit 130' INT
-    trap 'exit 143' TERM
+    on_exit cleanup
     run_one "$1"
 }
 

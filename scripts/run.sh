@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Builds one pattern in release mode and runs it with the given flags.
+# Builds one pattern in release mode and runs it with the given flags, from the workspace root.
 #   scripts/run.sh single-thread --addr 127.0.0.1:8080 --offload
 set -euo pipefail
-cd "$(dirname "$0")/.."
+PROG=run
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+PROFILE=release
 if [ $# -lt 1 ]; then
-    echo "usage: scripts/run.sh PATTERN [FLAGS...]   (patterns: $(ls crates | grep -vE '^(proto|runtime|blackbox|loadgen|demos)$' | tr '\n' ' '))" >&2
+    echo "usage: scripts/run.sh PATTERN [FLAGS...]   (patterns: $(all_patterns | tr '\n' ' '))" >&2
     exit 2
 fi
 pattern=$1
 shift
-cargo build --release --quiet -p "$pattern"
-exec "target/release/$pattern" "$@"
+cargo_build --quiet -p "$pattern"
+cd "$ROOT"
+exec "$(bin_dir)/$pattern" "$@"

@@ -27,40 +27,36 @@ demo_workers() {
     say "  CPU columns: % of one core (the machine has $((cores * 100))%), during the run"
     printf '    %7s %8s %8s %8s %11s %8s %7s %8s %7s\n' workers "req/s" "p50 ms" "p99 ms" "csw/request" "us/req" server loadgen others
     local w best_rps=0 best_n="" rows=""
-    local hz
-    hz=$(getconf CLK_TCK)
     for w in "${counts[@]}"; do
         # A fresh namespace per run: a run leaves thousands of TIME_WAIT sockets behind.
         private_netns >/dev/null
         start_server S "$PRIV" thread-per-connection --addr 127.0.0.1:0 --workers "$w" --max-threads "$w"
         local csw0 cpu0 csw1 cpu1
-        local idle0 idle1
+        local busy0 busy1
         csw0=$(ctx_switches "$S_PID")
         cpu0=$(cpu_ticks "$S_PID")
-        idle0=$(machine_idle)
+        busy0=$(busy_ticks)
         local t0=$EPOCHREALTIME t1
         in_netns "$PRIV" "$BIN/loadgen" -c 64 -d "$duration" --warmup "$warmup" --close client --json \
             -r '1:GET /work?us=500' -r '1:GET /block?ms=5' "http://$S_ADDR/" >"$TMP/load.json" 2>"$TMP/load.err" ||
             { cat "$TMP/load.err" >&2; die "loadgen failed"; }
         csw1=$(ctx_switches "$S_PID")
         cpu1=$(cpu_ticks "$S_PID")
-        idle1=$(machine_idle)
+        busy1=$(busy_ticks)
         t1=$EPOCHREALTIME
         stop_pid "$S_PID"
         # loadgen counts requests after the warm-up; the counters here include it, so the
         # ratios use all replies loadgen saw (all_responses).
         local row
-        row=$(python3 - "$TMP/load.json" "$w" "$((csw1 - csw0))" "$((cpu1 - cpu0))" "$hz" "$idle0" "$idle1" "$t0" "$t1" "$cores" <<'EOF'
+        row=$(python3 - "$TMP/load.json" "$w" "$((csw1 - csw0))" "$((cpu1 - cpu0))" "$HZ" "$((busy1 - busy0))" "$t0" "$t1" <<'EOF'
 import json, sys
 d = json.load(open(sys.argv[1]))
-w, csw, ticks, hz = (int(x) for x in sys.argv[2:6])
-(idle0, total0), (idle1, total1) = (map(int, a.split(":")) for a in sys.argv[6:8])
-wall = float(sys.argv[9]) - float(sys.argv[8])
-cores = int(sys.argv[10])
+w, csw, ticks, hz, busy_ticks = (int(x) for x in sys.argv[2:7])
+wall = float(sys.argv[8]) - float(sys.argv[7])
 n = max(d["all_responses"], 1)
 lat = d["latency_us"]
 errors = ",".join(f"{k}:{v}" for k, v in d["errors"].items() if v) or "0"
-busy = cores * 100 * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+busy = 100 * busy_ticks / hz / wall
 server = 100 * ticks / hz / wall
 loadgen = 100 * d["loadgen_cpu_s"] / max(d["duration_s"], 1e-9)
 others = max(busy - server - loadgen, 0)
@@ -100,9 +96,3 @@ EOF
         verdict "more workers stopped helping at about $knee on $cores cores: $knee workers reached $knee_rps req/s, within 10% of the best ($best_rps at $best_n), with the CPUs ${knee_idle} idle; beyond it ($after) $why$note"
     fi
 }
-
-# utime + stime of a process, in clock ticks.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-
-# The machine's idle and total CPU time so far, in ticks, as IDLE:TOTAL.
-machine_idle() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print $5 + $6 ":" t; exit}' /proc/stat; }
