@@ -7,7 +7,7 @@
 //!  dir/LOCK                       flock(LOCK_EX) + holder's pid: one server per directory
 //!  dir/00000000000000000001.log   ┐ segments, named by their first seq; each a run of frames
 //!  dir/00000000000000004097.log   │ len|crc32c|seq|kind|payload  (frame.rs)
-//!  dir/00000000000008193.log ...  ┘ the last is active: preallocated, zeros after its data
+//!  dir/00000000000000008193.log   ┘ the last is active: preallocated, zeros after its data
 //!
 //!  shared page (MAP_SHARED|MAP_ANONYMOUS, made by open before any fork; shared.rs)
 //!  ┌──────────────────────────────────────────────────────────────────────────────┐
@@ -39,8 +39,9 @@
 //!   kernel may have dropped the dirty pages, a retry would lie). Not syncing is the
 //!   asynchronous mode: records reach the disk when the kernel writes them back.
 //! - **Recovery.** `open` checks every frame of every segment. A torn end of the last segment
-//!   (a crash mid-write; never acknowledged as durable) is cut and reported in one line; any
-//!   other damage stops `open` with the file and offset. A holder that dies with
+//!   (a crash mid-write; never acknowledged as durable) is cut and reported in one line; zeros
+//!   after the last record are preallocated space; any other damage stops `open` with the file
+//!   and offset (recover.rs). A holder that dies with
 //!   `append_lock` (a SIGKILLed worker) is repaired by the next locker: it cuts whatever was
 //!   written after the published head, then marks the mutex consistent.
 //! - **Processes.** Open once, in the master, before forking and before starting threads (fork
@@ -65,6 +66,7 @@ use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -135,6 +137,8 @@ pub struct Journal {
     /// This process's descriptor for the active segment, used under `append_lock`.
     writer: Mutex<Writer>,
     index: Mutex<Index>,
+    /// The `first_seq` below which this process's index holds no segment.
+    forgot_before: AtomicU64,
     /// The flusher's descriptor for the active segment, and the `lock_repairs` count it was
     /// opened under (a repair may delete a segment whose name a later roll reuses).
     sync_file: Mutex<Option<(u64, u64, Arc<File>)>>,
@@ -200,6 +204,7 @@ impl Journal {
             _lock_file: lock_file,
             writer: Mutex::new(writer),
             index: Mutex::new(index),
+            forgot_before: AtomicU64::new(first_seq),
             sync_file: Mutex::new(None),
         };
         Ok((journal, recovery))
@@ -233,6 +238,7 @@ impl Journal {
     /// Blocks until the generation differs from `seen` or `timeout` passes; returns the
     /// generation then (equal to `seen` on timeout). Returns at once if it already differs.
     pub fn wait_for_change(&self, seen: u32, timeout: Duration) -> u32 {
+        self.forget_deleted();
         let s = &self.shared;
         let deadline = Instant::now().checked_add(timeout);
         loop {
@@ -356,4 +362,58 @@ fn lock_dir(dir: &Path) -> Result<File, OpenError> {
         .and_then(|()| file.write_all_at(pid.as_bytes(), 0))
         .map_err(io_err(&path))?;
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("journal-unit-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn a_journal_can_be_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Journal>();
+    }
+
+    #[test]
+    fn a_failed_fdatasync_poisons_for_good() {
+        let dir = scratch("poison");
+        let config = Config {
+            dir: dir.clone(),
+            segment_bytes: 4096,
+            retain_bytes: 1 << 20,
+        };
+        let (j, _) = Journal::open(config).unwrap();
+        let seq = j.append(0, b"before").unwrap();
+        // The flusher's descriptor for the active segment is swapped for one that cannot be
+        // synced (fsync on /dev/null fails with EINVAL): a stand-in for an I/O error.
+        let base = j.shared.end_base.load(Relaxed);
+        let null = Arc::new(File::open("/dev/null").unwrap());
+        *j.sync_file.lock().unwrap() = Some((base, 0, null));
+        let syncs = j.stats().fdatasyncs;
+        assert!(j.sync_to(seq).is_err());
+        assert!(
+            j.durable() < seq,
+            "durable published after a failed fdatasync"
+        );
+        // Never retried, and nothing more is appended.
+        *j.sync_file.lock().unwrap() = None;
+        assert!(j.sync_to(seq).is_err());
+        assert!(j.append(0, b"after").is_err());
+        assert!(j.begin().is_err());
+        assert_eq!(j.stats().fdatasyncs, syncs);
+        assert_eq!(j.head(), seq);
+        // What was published stays readable.
+        let mut got = Vec::new();
+        j.read_after(0, 10, |r| got.push(r.payload.to_vec()))
+            .unwrap();
+        assert_eq!(got, [b"before".to_vec()]);
+        drop(j);
+        let _ = fs::remove_dir_all(&dir);
+    }
 }

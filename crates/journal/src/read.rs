@@ -9,6 +9,7 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, PoisonError};
 
 use crate::Journal;
@@ -106,12 +107,18 @@ impl Index {
             .map(|s| s.file.clone())
     }
 
+    /// Closes the descriptors of segments retention deleted (their disk space is freed only
+    /// when every process has closed them).
+    fn forget_before(&mut self, first: u64) {
+        while self.segs.front().is_some_and(|s| s.base < first) {
+            self.segs.pop_front();
+        }
+    }
+
     /// Indexes every record up to `head` (published, so whole on disk).
     fn catch_up(&mut self, j: &Journal, head: u64) -> io::Result<()> {
         let first = j.first_seq();
-        while self.segs.front().is_some_and(|s| s.base < first) {
-            self.segs.pop_front(); // deleted by retention
-        }
+        self.forget_before(first);
         loop {
             let next = self.segs.back().map_or(first, Seg::next_seq);
             if next > head {
@@ -125,7 +132,6 @@ impl Index {
                         At::Frame {
                             header,
                             crc_ok: true,
-                            ..
                         } if header.seq == seq => {
                             seg.offsets.push(seg.end as u32);
                             seg.end += header.frame_len();
@@ -271,6 +277,18 @@ impl Journal {
             next += run.count;
         }
         Ok(done as usize)
+    }
+
+    /// After retention (by any process) moved `first_seq`: lets go of deleted segments here.
+    /// Called by appenders and watchers, so a process that rarely reads does not keep deleted
+    /// files alive.
+    pub(crate) fn forget_deleted(&self) {
+        let first = self.first_seq();
+        if self.forgot_before.load(Relaxed) != first {
+            let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
+            index.forget_before(first);
+            self.forgot_before.store(first, Relaxed);
+        }
     }
 
     /// For the repair after a dead appender: where the record after `seq` goes.

@@ -179,7 +179,6 @@ pub fn scan_all(dir: &Path) -> Result<(Vec<Scanned>, Option<TornTail>), OpenErro
                 At::Frame {
                     header,
                     crc_ok: true,
-                    ..
                 } if header.seq == seq => {
                     let Ok(at) = u32::try_from(off) else {
                         return Err(corrupt(off, "segment larger than 4 GiB".into()));
@@ -191,7 +190,6 @@ pub fn scan_all(dir: &Path) -> Result<(Vec<Scanned>, Option<TornTail>), OpenErro
                 At::Frame {
                     header,
                     crc_ok: true,
-                    ..
                 } => {
                     return Err(corrupt(
                         off,

@@ -66,6 +66,7 @@ impl Journal {
     /// [`Tx::last_seq`] is the whole log: check a condition, then append.
     /// Calling it again on a thread that already holds a `Tx` is an error (EDEADLK).
     pub fn begin(&self) -> io::Result<Tx<'_>> {
+        self.forget_deleted();
         let s = &self.shared;
         let mut lock = s.append_lock.lock()?;
         let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);

@@ -117,11 +117,7 @@ fn bad_config_is_refused() {
 #[test]
 fn clean_reopen_keeps_everything_and_continues() {
     let dir = Scratch::new("reopen");
-    let config = dir.config(1000, 1 << 20);
-    {
-        let (j, _) = Journal::open(config.clone()).unwrap();
-        fill(&j, 1, 200); // several segments
-    }
+    let config = closed_log(&dir, 1000, 200); // several segments
     let (j, rec) = Journal::open(config.clone()).unwrap();
     assert_eq!((rec.first_seq, rec.last_seq, rec.records), (1, 200, 200));
     assert_eq!(rec.segments, dir.segments().len());
@@ -247,14 +243,18 @@ fn a_flipped_byte_in_a_middle_record_is_corruption() {
     assert_eq!(fs::read(&seg).unwrap(), before);
 }
 
+/// A log of records `1..=n` in segments of `segment_bytes`, closed; its config.
+fn closed_log(dir: &Scratch, segment_bytes: u64, n: u64) -> Config {
+    let config = dir.config(segment_bytes, 1 << 20);
+    let (j, _) = Journal::open(config.clone()).unwrap();
+    fill(&j, 1, n);
+    config
+}
+
 #[test]
 fn a_bad_record_in_an_earlier_segment_is_corruption() {
     let dir = Scratch::new("corrupt-earlier");
-    let config = dir.config(1000, 1 << 20);
-    {
-        let (j, _) = Journal::open(config.clone()).unwrap();
-        fill(&j, 1, 100);
-    }
+    let config = closed_log(&dir, 1000, 100);
     let segments = dir.segments();
     assert!(segments.len() > 2);
     // The last record of the first segment: in the last segment it would pass for torn.
@@ -273,11 +273,7 @@ fn a_bad_record_in_an_earlier_segment_is_corruption() {
 #[test]
 fn a_missing_segment_is_a_gap() {
     let dir = Scratch::new("gap");
-    let config = dir.config(1000, 1 << 20);
-    {
-        let (j, _) = Journal::open(config.clone()).unwrap();
-        fill(&j, 1, 100);
-    }
+    let config = closed_log(&dir, 1000, 100);
     let segments = dir.segments();
     fs::remove_file(&segments[1]).unwrap();
     match Journal::open(config).unwrap_err() {
@@ -377,6 +373,8 @@ fn retention_deletes_old_segments_and_readers_get_gone() {
     }
     let segments = dir.segments();
     assert_eq!(segments.len(), 3, "{segments:?}");
+    // This process keeps no deleted segment open (that would hold its disk space).
+    assert_eq!(open_deleted_files(dir.path()), 0);
     let first = j.first_seq();
     assert_eq!(first, 71);
     assert_eq!(j.stats().segments_deleted, 7);
@@ -394,6 +392,18 @@ fn retention_deletes_old_segments_and_readers_get_gone() {
     drop(j);
     let (_, rec) = Journal::open(dir.config(1000, 3000)).unwrap();
     assert_eq!((rec.first_seq, rec.last_seq), (71, 100));
+}
+
+/// Descriptors of this process on files under `dir` that were deleted.
+fn open_deleted_files(dir: &std::path::Path) -> usize {
+    fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| {
+            let target = target.to_string_lossy();
+            target.starts_with(&*dir.to_string_lossy()) && target.ends_with(" (deleted)")
+        })
+        .count()
 }
 
 #[test]
