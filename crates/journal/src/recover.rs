@@ -159,7 +159,10 @@ pub fn scan_all(dir: &Path) -> Result<(Vec<Scanned>, Option<TornTail>), OpenErro
             });
         }
         let expected = out.last().map_or(base, |s| s.base + s.offsets.len() as u64);
-        if base == 0 || base != expected {
+        if base == 0 {
+            return Err(corrupt(0, "seq 0 names no segment: seqs start at 1".into()));
+        }
+        if base != expected {
             return Err(corrupt(
                 0,
                 format!("segment starts at seq {base}, expected {expected}"),
