@@ -27,10 +27,11 @@ pub fn list(dir: &Path) -> io::Result<Vec<u64>> {
         let Some(digits) = name.to_str().and_then(|n| n.strip_suffix(".log")) else {
             continue;
         };
-        if digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()) {
-            if let Ok(base) = digits.parse() {
-                bases.push(base);
-            }
+        if digits.len() == 20
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && let Ok(base) = digits.parse()
+        {
+            bases.push(base);
         }
     }
     bases.sort_unstable();

@@ -13,10 +13,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use flags::{duration, duration_or_zero, positive};
 use loadgen::engine::{self, Close, Config, Stop};
 use loadgen::spec::{Mix, RequestSpec, Target, parse_header};
 use loadgen::stats::group;
-use runtime::cli::{duration, duration_or_zero};
 
 const AFTER_HELP: &str = "\
 Request mix (-r, repeatable): [WEIGHT:]METHOD PATH [BODY | @FILE]
@@ -137,7 +137,8 @@ enum CloseArg {
 }
 
 fn main() {
-    let cli = parse_cli();
+    // A bad argument gets one line naming it, and exit code 2.
+    let cli: Cli = flags::parse();
     if let Some(Command::Report { dir }) = cli.command {
         match loadgen::report::write(&dir) {
             Ok(files) => {
@@ -184,19 +185,6 @@ fn main() {
     }
 }
 
-/// clap's parse, but a bad argument gets one line naming it, and exit code 2.
-fn parse_cli() -> Cli {
-    match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if e.use_stderr() => {
-            let text = e.to_string();
-            eprintln!("{}", text.lines().next().unwrap_or("error: bad arguments"));
-            std::process::exit(2);
-        }
-        Err(e) => e.exit(),
-    }
-}
-
 fn fail(msg: &str) -> ! {
     let msg = msg.strip_prefix("error: ").unwrap_or(msg);
     eprintln!("error: {msg}");
@@ -239,14 +227,6 @@ fn config(args: &RunArgs) -> Result<Config, String> {
         idle: args.idle,
         timeout: args.timeout,
     })
-}
-
-fn positive(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(_) => Err("expected a positive whole number".into()),
-    }
 }
 
 fn positive_u64(s: &str) -> Result<u64, String> {

@@ -120,10 +120,6 @@ impl Stats {
         self
     }
 
-    pub fn pattern(&self) -> &'static str {
-        self.pattern
-    }
-
     pub fn worker(&self, i: usize) -> &'static WorkerStats {
         &self.workers[i]
     }
