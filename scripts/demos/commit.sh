@@ -25,16 +25,14 @@ demo_commit() {
     fs=$(df -PT "$TMP" | awk 'NR == 2 {print $2}')
     say "PostgreSQL $PG_VERSION, a throwaway cluster in $TMP ($fs), on a Unix socket only"
     say "wal_writer_delay = 10s (its maximum), wal_buffers = 64MB; fsync = on, everything else default"
-    pg_start C -
-    pg_sql C "CREATE TABLE acks (client int, n int)" >/dev/null
 
     local mode round
     # Per mode: totals, and one number per round (space-separated).
     local -A acked=() lost=() rates=() losts=() unflushed=()
     for mode in on off; do
         step "synchronous_commit = $mode: $clients clients insert rows (client, 1), (client, 2), ... one COMMIT at a time, as fast as they can; at a random moment in ${window}s every process of the cluster is frozen and killed; $rounds round(s)"
-        pg_stop C
         pg_start C - -c synchronous_commit="$mode"
+        pg_sql C "CREATE TABLE IF NOT EXISTS acks (client int, n int)" >/dev/null
         acked[$mode]=0 lost[$mode]=0
         for round in $(seq "$rounds"); do
             # Durable before the round starts, whatever the mode: the count starts from empty.
@@ -56,9 +54,9 @@ demo_commit() {
             losts[$mode]+="$(kv lost "$check") "
             unflushed[$mode]+="$(kv unflushed_commits "$check") "
         done
+        pg_stop C
     done
     commit_our_servers
-    pg_stop C
 
     local off
     if ((lost[off] > 0)); then

@@ -7,8 +7,8 @@
 # the standby catches up later: the reader often finds the row missing (a stale read), and
 # pg_stat_replication shows how far behind the standby is. Synchronous with remote_apply the
 # COMMIT returns only after the standby has replayed it: every read sees the write, and every
-# commit waits for the round trip. Then, where network namespaces and netem allow, the same with
-# the standby behind a slow link (TCP between two namespaces, a delay each way).
+# commit waits for the round trip. Then, where network namespaces and tc allow, the same with
+# the standby behind a slow link (TCP between two namespaces, netem's delay or tbf's rate limit).
 
 # shellcheck source=scripts/demos/pg.sh
 source "$DEMOS_DIR/pg.sh"
@@ -25,7 +25,7 @@ demo_replication() {
     rate=256kbit
     # The primary also takes replication over TCP from the slow link's namespace (10.77.0.0/24),
     # used only by the last step; it listens on no TCP address until then.
-    pg_init P "max_wal_senders = 4" "wal_keep_size = 256MB"
+    pg_init P "wal_keep_size = 256MB"
     echo "host replication all 10.77.0.0/24 trust" >>"$TMP/pg-P/data/pg_hba.conf"
     pg_start P -
     pg_sql P "CREATE TABLE seen (n int PRIMARY KEY)" >/dev/null
@@ -63,7 +63,7 @@ demo_replication() {
     pg_stop S
     pg_stop P
     local a=${line[async]} y=${line[sync]}
-    verdict "over local sockets, asynchronous: $(kv stale "$a") of $count reads on the standby right after COMMIT returned were stale (up to $(kv stale_behind_max "$a") commits and $(kv replay_lsn_diff_max "$a") bytes of WAL behind, replay_lag up to $(kv replay_lag_ms_max "$a") ms), commit p50 $(kv p50_ms "$a") ms, p99 $(kv p99_ms "$a") ms; synchronous (remote_apply): $(kv stale "$y") stale, commit p50 $(kv p50_ms "$y") ms, p99 $(kv p99_ms "$y") ms ($(ratio "$(kv p50_ms "$y")" "$(kv p50_ms "$a")") the asynchronous p50)${SLOW}"
+    verdict "over local sockets, asynchronous: $(kv stale "$a") of $count reads on the standby right after COMMIT returned were stale (up to $(kv stale_behind_max "$a") commits and $(kv replay_lsn_diff_max "$a") bytes of WAL behind, replay_lag up to $(ms "$(kv replay_lag_ms_max "$a")")), commit p50 $(kv p50_ms "$a") ms, p99 $(kv p99_ms "$a") ms; synchronous (remote_apply): $(kv stale "$y") stale, commit p50 $(kv p50_ms "$y") ms, p99 $(kv p99_ms "$y") ms ($(ratio "$(kv p50_ms "$y")" "$(kv p50_ms "$a")") the asynchronous p50)${SLOW}"
 }
 
 # set_mode async|sync: the primary's replication settings, reloaded (no restart), and waited
@@ -106,8 +106,22 @@ report() {
     local last="the last commit was there at the first read"
     [ "$(kv catchup_ms "$r")" = 0.0 ] || last="the last commit was there $(kv catchup_ms "$r") ms after its COMMIT returned"
     say "reads on the standby right after COMMIT returned: $(kv stale "$r") of $2 stale (up to $(kv stale_behind_max "$r") commits behind); $last"
-    say "pg_stat_replication, sampled $(kv samples "$r") times right after a commit: the primary's WAL ahead of the standby's replay by up to $(kv replay_lsn_diff_max "$r") bytes, of its flush by up to $(kv flush_lsn_diff_max "$r") bytes; the largest lags the standby reported meanwhile: write $(kv write_lag_ms_max "$r") ms, flush $(kv flush_lag_ms_max "$r") ms, replay $(kv replay_lag_ms_max "$r") ms"
+    say "pg_stat_replication, sampled $(kv samples "$r") times right after a commit: the primary's WAL ahead of the standby's replay by up to $(kv replay_lsn_diff_max "$r") bytes, of its flush by up to $(kv flush_lsn_diff_max "$r") bytes; $(lags "$r")"
 }
+
+# lags SUMMARY: the largest lag columns reported during a run, in words.
+lags() {
+    local w f r
+    w=$(kv write_lag_ms_max "$1") f=$(kv flush_lag_ms_max "$1") r=$(kv replay_lag_ms_max "$1")
+    if [ "$w$f$r" = nonenonenone ]; then
+        printf 'the standby reported no new position during the run (its lag columns kept older values)'
+    else
+        printf 'the largest lags the standby reported meanwhile: write %s ms, flush %s ms, replay %s ms' "$w" "$f" "$r"
+    fi
+}
+
+# ms VALUE: "VALUE ms", or "none reported" for a lag column that never changed.
+ms() { if [ "$1" = none ]; then printf 'none reported'; else printf '%s ms' "$1"; fi; }
 
 # ratio A B: A / B as "N.Nx".
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.1fx", a / b; else printf "?x"}'; }
