@@ -208,8 +208,9 @@ def cmd_crash_load(args):
             crash_elapsed = time.monotonic() - started
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
-            crashed = dict(wal=before, acked_at_sample=acked_at_sample, pids=len(pids),
-                           elapsed=crash_elapsed)
+            crashed = dict(
+                wal=before, acked_at_sample=acked_at_sample, pids=len(pids), elapsed=crash_elapsed
+            )
         # After the crash, the replies already sent are still read: those COMMITs returned.
         timeout = 5.0 if crashed else max(0.0, deadline - time.monotonic())
         events = sel.select(timeout)
@@ -282,14 +283,13 @@ def cmd_check(args):
     with open(args.file) as f:
         load = json.load(f)
     c = Conn(args.sock)
-    present = {int(k): (int(n), int(m or 0)) for k, n, m in c.query(
-        "SELECT client, count(*), max(n) FROM acks GROUP BY client"
-    )}
+    rows = c.query("SELECT client, count(*), max(n) FROM acks GROUP BY client")
+    present = {int(k): (int(n), int(m)) for k, n, m in rows}
     c.close()
     lost = beyond = 0
     for client, acked in load["acked"].items():
         n, top = present.get(int(client), (0, 0))
-        # Rows are consecutive per client: n rows present means 1..n survived (checked below).
+        # Each (client, n) was inserted once, from 1 up: n rows whose highest is n are 1..n.
         if n != top:
             sys.exit(f"client {client}: {n} rows but the highest is {top}: a gap in a client's rows")
         lost += max(0, acked - n)
