@@ -38,6 +38,8 @@ DEMO_LIST=(
     "herd       multi-acceptor with and without --exclusive: the kernel's wake-ups per connection"
     "cow        Redis's BGSAVE: fork a child to write a snapshot while the parent writes; copy-on-write in smaps"
     "workers    one pattern at 1, 2, 4, 8, 32 and 128 workers under the same load: where more stop helping"
+    "commit     PostgreSQL's synchronous_commit on and off: a crash at a random moment; acknowledged COMMITs lost"
+    "replication a primary and a streaming standby: synchronous (remote_apply) vs asynchronous; commit latency, stale reads"
 )
 
 QUICK=0
