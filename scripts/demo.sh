@@ -120,6 +120,8 @@ start_server() {
     local var=$1 ns=$2 bin=$3
     shift 3
     local err="$TMP/$var.stderr" pid
+    # Each server its own journal directory, removed with $TMP.
+    set -- --data-dir "$TMP/$var.data" "$@"
     if [ "$ns" = - ]; then
         "$BIN/$bin" "$@" 2>"$err" &
     else

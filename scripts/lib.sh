@@ -280,7 +280,7 @@ start_target() {
         "${LAUNCH[@]}" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" 2>"$dir/stderr" >/dev/null &
     else
         "${LAUNCH[@]}" "$BIN_DIR/$target" --addr 127.0.0.1:0 --workers "$WORKERS" --shutdown-timeout 2s \
-            2>"$dir/stderr" >/dev/null &
+            --data-dir "$dir/data" 2>"$dir/stderr" >/dev/null &
     fi
     # bash -c and taskset exec, so $! is the server itself.
     SERVER_PID=$!

@@ -3,7 +3,9 @@
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -21,6 +23,8 @@ const LISTENING: &str = "listening on http://";
 /// server wrote on stderr, so each failure shows the server's side of the story too.
 pub struct Server {
     child: Child,
+    /// The journal directory made for this server (removed on drop), unless the test gave one.
+    own_data_dir: Option<PathBuf>,
     addr: SocketAddr,
     startup_line: String,
     stderr: Arc<Mutex<String>>,
@@ -51,9 +55,14 @@ impl Server {
     #[track_caller]
     fn spawn(bin: &str, args: &[&str], nofile: Option<u64>) -> Server {
         let mut command = Command::new(bin);
+        command.arg("--addr").arg("127.0.0.1:0");
+        // Every server gets a journal directory of its own (two servers cannot share one),
+        // unless the test names one, e.g. to restart a server on the same journal.
+        let own_data_dir = (!args.contains(&"--data-dir")).then(fresh_data_dir);
+        if let Some(dir) = &own_data_dir {
+            command.arg("--data-dir").arg(dir);
+        }
         command
-            .arg("--addr")
-            .arg("127.0.0.1:0")
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -109,6 +118,7 @@ impl Server {
 
         let mut server = Server {
             child,
+            own_data_dir,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             startup_line: String::new(),
             stderr,
@@ -260,6 +270,9 @@ impl Drop for Server {
                 self.exit = Some(status);
             }
         }
+        if let Some(dir) = &self.own_data_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         if thread::panicking() {
             // Let the stderr reader catch up with the last lines.
             thread::sleep(Duration::from_millis(50));
@@ -273,6 +286,13 @@ impl Drop for Server {
             }
         }
     }
+}
+
+/// A directory name no other server of this test run uses (the directory does not exist yet).
+pub fn fresh_data_dir() -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("blackbox-{}-{n}", std::process::id()))
 }
 
 /// `exited with 0`, `killed by signal 9`, ...

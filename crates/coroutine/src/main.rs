@@ -56,8 +56,9 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use may::coroutine::Builder;
 use may::net::{TcpListener, TcpStream};
+use may::sync::Blocker;
 use may::sync::Semphore;
-use runtime::blocking::{BlockingStream, OpenConns, serve};
+use runtime::blocking::{BlockingStream, Context, OpenConns, Park, serve};
 use runtime::listener::{AcceptBackoff, is_out_of_resources};
 use runtime::shutdown::STOP_SIGNALS;
 use runtime::{App, ServeConfig, ServerArgs, Stats};
@@ -106,7 +107,7 @@ fn main() -> io::Result<()> {
     let mut signals = Signals::new(STOP_SIGNALS)?;
 
     let server = Arc::new(Server {
-        app: App::new(stats.clone()),
+        app: runtime::open_app(PATTERN, &args.server, stats.clone()),
         config: ServeConfig::new(PATTERN, &args.server),
         stats,
         listener,
@@ -192,19 +193,22 @@ impl Server {
         // (a 1 MiB echo, a 431, `/stats`, `/work`) was measured at 14 KiB of stack in a debug
         // build, far inside STACK_SIZE; nothing thread-scoped lives across a may call (the
         // driver's state is in its frame, the counters in `stats`, and `/work` reads its
-        // thread's CPU clock with no may call in between). The one lock on the way,
-        // OpenConns' std mutex, is held for a few instructions with no may call inside, so no
-        // coroutine parks holding it. `/block` and `/work` hold the carrier thread on purpose:
-        // the caveat this server shows, a delay for the other coroutines, not a fault.
+        // thread's CPU clock with no may call in between). The locks on the way (OpenConns'
+        // std mutex; the app's view mutex and the journal's append lock, held over a pread or
+        // pwrite of the journal file) are held with no may call inside, so no coroutine parks
+        // holding one, and one that waits for another carrier's holder waits microseconds. A
+        // held request parks the coroutine in may's own Blocker, never the carrier thread.
+        // `/block` and `/work` hold the carrier thread on purpose: the caveat this server
+        // shows, a delay for the other coroutines, not a fault.
         let spawned = may::go!(Builder::new().id(home), move || {
-            let stats = server.stats.worker(home);
-            serve(
-                MayStream(stream),
-                &server.config,
-                stats,
-                &server.open,
-                |req| server.app.handle_inline(req),
-            );
+            let cx = Context {
+                config: &server.config,
+                app: &server.app,
+                stats: server.stats.worker(home),
+                open: &server.open,
+                park: &MayPark(Arc::new(Blocker::new(false))),
+            };
+            serve(MayStream(stream), &cx, |req| server.app.handle_inline(req));
             server.slots.post();
             server.live.fetch_sub(1, Ordering::SeqCst);
         });
@@ -227,6 +231,8 @@ impl Server {
         let _ = acceptor.join();
 
         self.open.stop_reading();
+        // Coroutines held by long polls and streams answer with what they have now.
+        self.app.stop();
         let deadline = Instant::now() + self.config.shutdown_timeout;
         while self.live.load(Ordering::SeqCst) > 0 {
             if Instant::now() >= deadline {
@@ -279,6 +285,22 @@ impl BlockingStream for MayStream {
 
     fn shutdown(&self, how: Direction) -> io::Result<()> {
         self.0.shutdown(how)
+    }
+}
+
+/// may's parking for the shared blocking driver: a held request parks its coroutine (its worker
+/// runs others meanwhile), where std's would park the carrier thread and every coroutine on it.
+struct MayPark(Arc<Blocker>);
+
+impl Park for MayPark {
+    fn park(&self, timeout: Option<Duration>) {
+        // A cancel or a timeout both end the wait; the driver polls again either way.
+        let _ = self.0.park(timeout);
+    }
+
+    fn unparker(&self) -> Box<dyn Fn() + Send + Sync> {
+        let blocker = self.0.clone();
+        Box::new(move || blocker.unpark())
     }
 }
 

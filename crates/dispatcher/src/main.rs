@@ -43,7 +43,7 @@ use mio::{Events, Interest, Poll, Token};
 use runtime::listener::{AcceptBackoff, is_out_of_resources};
 use runtime::threads::{join, spawn};
 use runtime::{
-    App, EventLoop, Inline, LoopHandle, ServeConfig, ServerArgs, Shutdown, Stats, WorkerStats,
+    EventLoop, Inline, LoopHandle, ServeConfig, ServerArgs, Shutdown, Stats, WorkerStats,
 };
 use signal_hook_mio::v1_0::Signals;
 
@@ -72,6 +72,7 @@ fn main() -> io::Result<()> {
     let args: Args = runtime::cli::parse();
     let workers = args.server.workers();
     let stats = Arc::new(Stats::new(PATTERN, workers));
+    let app = runtime::open_app(PATTERN, &args.server, stats.clone());
     let listener = runtime::listener::bind(&args.server, false)?;
     let addr = listener.local_addr()?;
     let shutdown = Shutdown::new();
@@ -82,9 +83,9 @@ fn main() -> io::Result<()> {
     let mut handles = Vec::with_capacity(workers);
     let mut threads = Vec::with_capacity(workers);
     for i in 0..workers {
-        let event_loop = EventLoop::new(config.clone(), stats.worker(i), shutdown.clone())?;
+        let event_loop = EventLoop::new(config.clone(), &app, stats.worker(i), shutdown.clone())?;
         handles.push(event_loop.handle());
-        let (app, started) = (App::new(stats.clone()), started.clone());
+        let (app, started) = (app.clone(), started.clone());
         threads.push(spawn(PATTERN, format!("worker-{i}"), move || {
             started.wait();
             event_loop.run(&mut Inline(app))

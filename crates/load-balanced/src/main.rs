@@ -39,10 +39,10 @@ use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use proto::{Request, Response};
+use proto::Request;
 use runtime::{
-    App, EventLoop, Handler, Origin, Routable, Route, ServeConfig, ServerArgs, Shutdown, Stats,
-    Task, WorkerStats,
+    App, EventLoop, Handler, Origin, Reply, Routable, Route, ServeConfig, ServerArgs, Shutdown,
+    Stats, Task, WorkerStats,
 };
 
 const PATTERN: &str = "load-balanced";
@@ -79,12 +79,12 @@ fn main() -> io::Result<()> {
     let args: Args = runtime::cli::parse();
     let workers = args.server.workers();
     let stats = Arc::new(Stats::new(PATTERN, workers + 1).with_extra(EXTRA));
-    let app = App::new(stats.clone());
+    let app = runtime::open_app(PATTERN, &args.server, stats.clone());
 
     let listener = runtime::listener::bind(&args.server, false)?;
     let addr = listener.local_addr()?;
     let config = ServeConfig::new(PATTERN, &args.server);
-    let mut event_loop = EventLoop::new(config, stats.worker(0), Shutdown::new())?;
+    let mut event_loop = EventLoop::new(config, &app, stats.worker(0), Shutdown::new())?;
     event_loop.listen(listener)?;
     event_loop.watch_signals()?;
 
@@ -147,7 +147,7 @@ struct Dispatch {
 }
 
 impl Handler for Dispatch {
-    fn handle(&mut self, req: &Request<'_>, origin: Origin) -> Option<Response> {
+    fn handle(&mut self, req: &Request<'_>, origin: Origin) -> Option<Reply> {
         let work = if self.inline_cheap {
             match self.app.route(req) {
                 Route::Ready(reply) => {
@@ -180,13 +180,11 @@ enum Work {
 }
 
 impl Work {
-    fn run(self, app: &App) -> Response {
+    /// The reply, or what the dispatch thread should hold for it (a long poll, a stream).
+    fn run(self, app: &App) -> Reply {
         match self {
-            Work::Request(req) => match app.route_any(&req) {
-                Route::Ready(reply) => reply,
-                Route::Heavy(task) => task.run(),
-            },
-            Work::Task(task) => task.run(),
+            Work::Request(req) => app.handle_inline(&req),
+            Work::Task(task) => task.run().into(),
         }
     }
 }
@@ -341,14 +339,15 @@ impl<J> Worker<J> {
 // ---- helpers ----------------------------------------------------------------------------------
 
 /// A request copied out of its connection's buffer so that it can cross to a worker: what
-/// [`App`] reads, in one allocation for method, path and query, plus the body and content type
-/// when there are any.
+/// [`App`] reads, in one allocation for method, path and query, plus the body and the headers
+/// routing reads ([`runtime::ROUTED_HEADERS`]) when there are any.
 struct OwnedRequest {
     /// Method, path and query, back to back.
     text: String,
     method_end: usize,
     path_end: usize,
-    content_type: Option<Box<[u8]>>,
+    /// (index in ROUTED_HEADERS, value)
+    headers: Vec<(usize, Box<[u8]>)>,
     body: Vec<u8>,
 }
 
@@ -363,7 +362,11 @@ impl OwnedRequest {
             text,
             method_end: method.len(),
             path_end: method.len() + path.len(),
-            content_type: req.header("content-type").map(Box::from),
+            headers: runtime::ROUTED_HEADERS
+                .iter()
+                .enumerate()
+                .filter_map(|(i, name)| Some((i, Box::from(req.header(name)?))))
+                .collect(),
             body: req.body.to_vec(),
         }
     }
@@ -380,8 +383,12 @@ impl Routable for OwnedRequest {
     fn query_param(&self, name: &str) -> Option<&str> {
         proto::query_param(&self.text[self.path_end..], name)
     }
-    fn content_type(&self) -> Option<&[u8]> {
-        self.content_type.as_deref()
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        let i = runtime::ROUTED_HEADERS
+            .iter()
+            .position(|h| h.eq_ignore_ascii_case(name))?;
+        let found = self.headers.iter().find(|(h, _)| *h == i);
+        found.map(|(_, v)| &**v)
     }
     fn body(&self) -> &[u8] {
         &self.body

@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use runtime::threads::{join, spawn};
-use runtime::{App, EventLoop, Inline, ServeConfig, ServerArgs, Shutdown, Stats};
+use runtime::{EventLoop, Inline, ServeConfig, ServerArgs, Shutdown, Stats};
 
 const PATTERN: &str = "multi-acceptor";
 
@@ -55,6 +55,7 @@ fn main() -> io::Result<()> {
     let args: Args = runtime::cli::parse();
     let workers = args.server.workers();
     let stats = Arc::new(Stats::new(PATTERN, workers));
+    let app = runtime::open_app(PATTERN, &args.server, stats.clone());
     let listener = runtime::listener::bind(&args.server, false)?;
     let addr = listener.local_addr()?;
     let shutdown = Shutdown::new();
@@ -65,7 +66,8 @@ fn main() -> io::Result<()> {
 
     let mut threads = Vec::with_capacity(workers);
     for i in 0..workers {
-        let mut event_loop = EventLoop::new(config.clone(), stats.worker(i), shutdown.clone())?;
+        let mut event_loop =
+            EventLoop::new(config.clone(), &app, stats.worker(i), shutdown.clone())?;
         // The same socket through a descriptor of the worker's own: a mio source belongs to one
         // poll. The socket closes when the last worker drops its descriptor.
         let shared = listener.try_clone()?;
@@ -77,7 +79,7 @@ fn main() -> io::Result<()> {
         if i == 0 {
             event_loop.watch_signals()?;
         }
-        let app = App::new(stats.clone());
+        let app = app.clone();
         threads.push(spawn(PATTERN, format!("worker-{i}"), move || {
             event_loop.run(&mut Inline(app))
         })?);

@@ -105,7 +105,13 @@ fn main() -> io::Result<()> {
     }
     let stats = Arc::new(shared::stats(workers)?);
     let config = ServeConfig::new(PATTERN, &args.server);
-    let setup = WorkerSetup::new(args.mode, config, App::new(stats.clone()))?;
+    // The journal is opened (and recovered) here, once, before any fork: the workers inherit
+    // it, its shared mapping and its directory lock. Its threads start in each worker.
+    let app = App::open(PATTERN, stats.clone(), &args.server.app).unwrap_or_else(|e| {
+        eprintln!("{PATTERN}: {e}");
+        std::process::exit(1)
+    });
+    let setup = WorkerSetup::new(args.mode, config, app)?;
 
     let mut master = Master::new(listener, setup, stats, args.server.shutdown_timeout)?;
     master.start()?;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nix::unistd::{Pid, getppid};
-use runtime::blocking::{OpenConns, serve};
+use runtime::blocking::{Context, OpenConns, ThreadPark, serve};
 use runtime::listener::{AcceptBackoff, is_out_of_resources};
 use runtime::shutdown::STOP_SIGNALS;
 use runtime::{App, EventLoop, Inline, ServeConfig, Shutdown, WorkerStats};
@@ -75,6 +75,9 @@ pub fn worker(slot: usize, listener: TcpListener, setup: &WorkerSetup) -> i32 {
             }
             _ => {}
         }
+        // The app's threads (journal watcher, committer, job workers), started while the
+        // master's signals are still blocked, so that they never receive them.
+        setup.app.start().map_err(WorkerError::Start)?;
         match setup.mode {
             Mode::Event => serve_events(listener, setup, stats),
             Mode::Blocking => serve_blocking(listener, setup, stats),
@@ -103,7 +106,7 @@ fn serve_events(
 ) -> Result<(), WorkerError> {
     let start = WorkerError::Start;
     let mut event_loop =
-        EventLoop::new(setup.config.clone(), stats, Shutdown::new()).map_err(start)?;
+        EventLoop::new(setup.config.clone(), &setup.app, stats, Shutdown::new()).map_err(start)?;
     event_loop.listen(listener).map_err(start)?;
     event_loop.watch_signals().map_err(start)?;
     // Signals held since the fork are delivered now, to this worker's own handlers.
@@ -132,7 +135,7 @@ fn serve_blocking(
     let mut signals =
         signal_hook::iterator::Signals::new(STOP_SIGNALS).map_err(WorkerError::Start)?;
     {
-        let (open, stop) = (open.clone(), stop.clone());
+        let (open, stop, app) = (open.clone(), stop.clone(), setup.app.clone());
         // Spawned while signals are blocked, so they are always delivered to the main thread.
         std::thread::Builder::new()
             .name("signals".into())
@@ -140,6 +143,8 @@ fn serve_blocking(
                 if signals.forever().next().is_some() {
                     stop.store(true, Ordering::SeqCst);
                     open.stop_reading();
+                    // A held request answers with what it has now.
+                    app.stop();
                 }
             })
             .map_err(WorkerError::Start)?;
@@ -149,6 +154,14 @@ fn serve_blocking(
         .map_err(|e| WorkerError::Start(e.into()))?;
     stats.bind_thread();
     let app = &setup.app;
+    let park = ThreadPark::current();
+    let cx = Context {
+        config: &setup.config,
+        app,
+        stats,
+        open: &open,
+        park: &park,
+    };
     let mut backoff = AcceptBackoff::default();
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
@@ -156,9 +169,7 @@ fn serve_blocking(
             // nothing yet at shutdown, it has the shutdown grace to send its first request.
             Ok((stream, _)) => {
                 backoff.succeeded();
-                serve(stream, &setup.config, stats, &open, |req| {
-                    app.handle_inline(req)
-                });
+                serve(stream, &cx, |req| app.handle_inline(req));
             }
             // The tick ran out (EAGAIN) or a signal interrupted: look at the flag again.
             Err(e)

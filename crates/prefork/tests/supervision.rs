@@ -407,8 +407,11 @@ fn fatal_exit_code_is_not_respawned() {
 /// When no worker can start, the master gives up with the same code 2.
 #[test]
 fn master_exits_2_when_no_worker_can_start() {
+    let data_dir = blackbox::server::fresh_data_dir();
     let mut child = Command::new(BIN)
         .args(["--addr", "127.0.0.1:0", "--workers", "1"])
+        .arg("--data-dir")
+        .arg(&data_dir)
         .env(FAIL_START, "0:fatal")
         .stderr(Stdio::null())
         .spawn()
@@ -425,6 +428,7 @@ fn master_exits_2_when_no_worker_can_start() {
         }
         thread::sleep(Duration::from_millis(20));
     };
+    let _ = std::fs::remove_dir_all(&data_dir);
     assert_eq!(status.code(), Some(2), "{}", describe_exit(status));
 }
 
@@ -453,13 +457,17 @@ struct FailingStart {
     child: Child,
     addr: SocketAddr,
     stderr: Arc<Mutex<String>>,
+    data_dir: std::path::PathBuf,
 }
 
 impl FailingStart {
     #[track_caller]
     fn start(fail: &str, args: &[&str]) -> FailingStart {
+        let data_dir = blackbox::server::fresh_data_dir();
         let mut child = Command::new(BIN)
             .args(["--addr", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(&data_dir)
             .args(args)
             .env(FAIL_START, fail)
             .stdin(Stdio::null())
@@ -482,6 +490,7 @@ impl FailingStart {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             stderr,
+            data_dir,
         };
         server.addr = wait_for("the start-up line", TIMEOUT, || {
             let text = server.stderr_text();
@@ -517,6 +526,7 @@ impl Drop for FailingStart {
         // group the master leads (process_group(0)): the master and the workers it forked.
         unsafe { libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL) };
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
         if thread::panicking() {
             eprintln!("--- prefork stderr ---\n{}--- end ---", self.stderr_text());
         }

@@ -751,6 +751,12 @@ impl Conn {
         self.first_id + self.slots.len() as u64
     }
 
+    /// Whether the reply to request `id` is still owed (not fully written, and not dropped
+    /// because the connection failed or was closed).
+    pub fn owes(&self, id: ReqId) -> bool {
+        self.index(id).is_some()
+    }
+
     /// Replies owed: requests handed out and not yet fully written.
     pub fn owed(&self) -> usize {
         self.slots.len()

@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use runtime::threads::{join, spawn};
-use runtime::{App, EventLoop, Inline, ServeConfig, ServerArgs, Shutdown, Stats};
+use runtime::{EventLoop, Inline, ServeConfig, ServerArgs, Shutdown, Stats};
 
 const PATTERN: &str = "reuseport";
 
@@ -51,6 +51,7 @@ fn main() -> io::Result<()> {
     let args: Args = runtime::cli::parse();
     let workers = args.server.workers();
     let stats = Arc::new(Stats::new(PATTERN, workers));
+    let app = runtime::open_app(PATTERN, &args.server, stats.clone());
     let listeners = bind_all(&args.server, workers)?;
     let addr = listeners[0].local_addr()?;
     let shutdown = Shutdown::new();
@@ -61,12 +62,13 @@ fn main() -> io::Result<()> {
 
     let mut threads = Vec::with_capacity(workers);
     for (i, listener) in listeners.into_iter().enumerate() {
-        let mut event_loop = EventLoop::new(config.clone(), stats.worker(i), shutdown.clone())?;
+        let mut event_loop =
+            EventLoop::new(config.clone(), &app, stats.worker(i), shutdown.clone())?;
         event_loop.listen(listener)?;
         if i == 0 {
             event_loop.watch_signals()?;
         }
-        let app = App::new(stats.clone());
+        let app = app.clone();
         threads.push(spawn(PATTERN, format!("worker-{i}"), move || {
             event_loop.run(&mut Inline(app))
         })?);

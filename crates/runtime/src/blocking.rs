@@ -6,6 +6,10 @@
 //! The socket's send timeout bounds each `write`, so a peer that stops reading is closed
 //! instead of holding a thread forever.
 //!
+//! A held request (a long poll, a reply waiting for a commit) or a stream holds its thread:
+//! the thread parks ([`Park`]) until the app's hub calls or the request's deadline passes.
+//! That is this pattern's cost of waiting clients: a thread (or a coroutine's stack) each.
+//!
 //! Shutdown: [`OpenConns::stop_reading`] shuts down the reading side of every tracked socket
 //! that waits between requests, so a thread parked in `read` wakes with EOF, writes what it
 //! owes, and returns. A connection in the middle of a request is left to finish it, and one
@@ -20,11 +24,11 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use proto::{Conn, Request, Response};
+use app::{App, Pending, Reply, Stream, WorkerStats};
+use proto::{Conn, ReqId, Request};
 
 use crate::ServeConfig;
 use crate::date::ReplyHeaders;
-use crate::stats::WorkerStats;
 
 /// How often a connection that has sent nothing yet looks whether shutdown began.
 const FRESH_CHECK: Duration = Duration::from_secs(1);
@@ -50,33 +54,73 @@ impl BlockingStream for std::net::TcpStream {
     }
 }
 
+/// How a blocked thread (or coroutine) waits for the app: std's thread parking, or a
+/// coroutine library's, which must not block its carrier thread.
+pub trait Park {
+    /// Sleeps until unparked or `timeout` passes (`None`: no timeout). An unpark that came
+    /// before the park makes it return at once.
+    fn park(&self, timeout: Option<Duration>);
+    /// A callback that unparks this waiter from any thread (the hub calls it).
+    fn unparker(&self) -> Box<dyn Fn() + Send + Sync>;
+}
+
+/// std's thread parking.
+pub struct ThreadPark(std::thread::Thread);
+
+impl ThreadPark {
+    pub fn current() -> ThreadPark {
+        ThreadPark(std::thread::current())
+    }
+}
+
+impl Park for ThreadPark {
+    fn park(&self, timeout: Option<Duration>) {
+        match timeout {
+            Some(t) => std::thread::park_timeout(t),
+            None => std::thread::park(),
+        }
+    }
+
+    fn unparker(&self) -> Box<dyn Fn() + Send + Sync> {
+        let thread = self.0.clone();
+        Box::new(move || thread.unpark())
+    }
+}
+
+/// What serving a connection needs besides the socket.
+pub struct Context<'a, P: Park> {
+    pub config: &'a ServeConfig,
+    pub app: &'a App,
+    pub stats: &'a WorkerStats,
+    pub open: &'a OpenConns,
+    pub park: &'a P,
+}
+
 /// Serves one connection until it closes, answering each request with `handle` on this thread.
-/// Counts the connection and its requests in `stats`, and tracks it in `open` meanwhile.
+/// Counts the connection and its requests in `cx.stats`, and tracks it in `cx.open` meanwhile.
 /// (A pattern whose threads each own a stats slot calls `stats.bind_thread()` once per thread.)
-pub fn serve<S: BlockingStream>(
+pub fn serve<S: BlockingStream, P: Park>(
     stream: S,
-    config: &ServeConfig,
-    stats: &WorkerStats,
-    open: &OpenConns,
-    handle: impl FnMut(&Request<'_>) -> Response,
+    cx: &Context<'_, P>,
+    handle: impl FnMut(&Request<'_>) -> Reply,
 ) {
-    stats.connection_opened();
+    cx.stats.connection_opened();
     let mut stream = stream;
-    let tracked = open.track(&stream);
-    drive(&mut stream, config, stats, &tracked, handle);
+    let tracked = cx.open.track(&stream);
+    drive(&mut stream, cx, &tracked, handle);
     // Untrack before the socket closes, so that shutdown never touches a reused descriptor.
     drop(tracked);
     drop(stream);
-    stats.connection_closed();
+    cx.stats.connection_closed();
 }
 
-fn drive<S: BlockingStream>(
+fn drive<S: BlockingStream, P: Park>(
     stream: &mut S,
-    config: &ServeConfig,
-    stats: &WorkerStats,
+    cx: &Context<'_, P>,
     tracked: &Tracked<'_>,
-    mut handle: impl FnMut(&Request<'_>) -> Response,
+    mut handle: impl FnMut(&Request<'_>) -> Reply,
 ) {
+    let (config, stats) = (cx.config, cx.stats);
     let mut http = Conn::new(config.conn.clone(), Instant::now());
     let mut headers = ReplyHeaders::new(config.server_name);
     let mut timeout_set = None;
@@ -94,8 +138,16 @@ fn drive<S: BlockingStream>(
         while let Some(req) = http.next_request() {
             stats.request();
             let id = req.id;
-            let reply = handle(&req);
-            http.respond(id, reply);
+            match handle(&req) {
+                Reply::Now(reply) => http.respond(id, reply),
+                Reply::Later(pending) => http.respond(id, wait(cx, pending)),
+                Reply::Stream(head, body) => {
+                    http.respond(id, head);
+                    if !stream_out(stream, cx, &mut http, &mut headers, id, body) {
+                        return;
+                    }
+                }
+            }
         }
         // Every reply is ready (handlers ran inline): one write for the whole batch.
         let out = http.output(headers.refresh(), Instant::now());
@@ -158,6 +210,66 @@ fn drive<S: BlockingStream>(
             Err(_) => return,
         }
     }
+}
+
+/// Parks this thread until the held request has its reply (the hub calls on every change).
+fn wait<P: Park>(cx: &Context<'_, P>, mut pending: Pending) -> proto::Response {
+    let _subscription = cx.app.hub().subscribe(cx.park.unparker());
+    cx.stats.hold();
+    let reply = loop {
+        let now = Instant::now();
+        if let Some(reply) = pending.poll(now) {
+            break reply;
+        }
+        cx.park
+            .park(pending.deadline().map(|d| d.saturating_duration_since(now)));
+    };
+    cx.stats.release();
+    reply
+}
+
+/// Writes a streamed reply as it is produced: the head and what is buffered first, then each
+/// piece the stream gives, parked in between. Returns false if the connection failed.
+fn stream_out<S: BlockingStream, P: Park>(
+    stream: &mut S,
+    cx: &Context<'_, P>,
+    http: &mut Conn,
+    headers: &mut ReplyHeaders,
+    id: ReqId,
+    mut body: Stream,
+) -> bool {
+    let _subscription = cx.app.hub().subscribe(cx.park.unparker());
+    cx.stats.hold();
+    let mut chunk = Vec::new();
+    let ok = loop {
+        let out = http.output(headers.refresh(), Instant::now());
+        if !out.is_empty() {
+            let n = out.len();
+            if stream.write_all(out).is_err() {
+                break false;
+            }
+            http.written(n, Instant::now());
+        }
+        if !http.owes(id) {
+            break true;
+        }
+        let now = Instant::now();
+        chunk.clear();
+        let open = body.poll(now, &mut chunk);
+        if !chunk.is_empty() {
+            http.push_chunk(id, &chunk);
+        }
+        if !open {
+            http.end_stream(id);
+            continue;
+        }
+        if chunk.is_empty() {
+            cx.park
+                .park(body.deadline().map(|d| d.saturating_duration_since(now)));
+        }
+    };
+    cx.stats.release();
+    ok
 }
 
 /// Where a served connection stands, for shutdown.

@@ -76,6 +76,9 @@ pub struct ServerArgs {
     /// Largest request body in bytes; larger gets 413.
     #[arg(long, default_value = "8M", value_parser = size)]
     pub max_body: usize,
+
+    #[command(flatten)]
+    pub app: app::AppArgs,
 }
 
 impl ServerArgs {

@@ -11,9 +11,13 @@
 //! ```
 //!
 //! Rules it keeps: read until the socket is drained (a short read proves it is), one write per
-//! batch of pipelined replies, stop reading a connection whose replies back up, time out slow
-//! heads and idle connections, pause accepting on EMFILE instead of spinning, and on SIGTERM
-//! stop accepting, finish what is in flight, and return.
+//! batch of pipelined replies, stop reading a connection whose replies back up, let proto time
+//! out slow heads and idle connections, pause accepting on EMFILE instead of spinning, and on
+//! SIGTERM stop accepting, finish what is in flight, and return.
+//!
+//! Held requests (long polls, replies waiting for a commit) and streams (server push) stay in
+//! the loop, a few hundred bytes each: the app's hub rings the loop's waker once when anything
+//! moves, and the loop walks its own waiters, so 10,000 of them cost one wake-up per loop.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown as Direction;
@@ -22,14 +26,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use app::{App, Pending, Reply, Stream, Subscription, WorkerStats};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
-use proto::{CommonHeaders, Conn, ReqId, Request, Response};
+use proto::{CommonHeaders, Conn, ReqId, Request};
 use slab::Slab;
 
 use crate::date::ReplyHeaders;
 use crate::listener::{AcceptBackoff, is_out_of_resources};
-use crate::stats::WorkerStats;
+
 use crate::{ServeConfig, Shutdown};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -38,16 +43,16 @@ const SIGNALS: Token = Token(usize::MAX - 3);
 
 /// Decides what happens to each request. The loop calls it on its own thread.
 pub trait Handler {
-    /// The reply now, or `None` if it will come later through [`LoopHandle::complete`]
-    /// (or, for a streamed reply, [`LoopHandle::chunk`] and [`LoopHandle::end`]).
-    fn handle(&mut self, req: &Request<'_>, origin: Origin) -> Option<Response>;
+    /// The reply (now, held, or streamed), or `None` if it will come later through
+    /// [`LoopHandle::complete`].
+    fn handle(&mut self, req: &Request<'_>, origin: Origin) -> Option<Reply>;
 }
 
 /// Runs the whole application on the loop thread, slow requests included.
-pub struct Inline(pub crate::App);
+pub struct Inline(pub App);
 
 impl Handler for Inline {
-    fn handle(&mut self, req: &Request<'_>, _: Origin) -> Option<Response> {
+    fn handle(&mut self, req: &Request<'_>, _: Origin) -> Option<Reply> {
         Some(self.0.handle_inline(req))
     }
 }
@@ -61,20 +66,15 @@ pub struct Origin {
     id: ReqId,
 }
 
-/// What another thread can send a loop.
-pub enum Completion {
-    Reply(Response),
-    Chunk(Vec<u8>),
-    End,
-}
-
 /// The loop's mailbox: other threads hand it connections and finished replies, then wake it.
 pub struct LoopHandle {
     waker: Waker,
     /// Set by the first sender after the loop last emptied the mailbox: one wake-up per batch.
     woken: AtomicBool,
+    /// The app's hub called: held requests and streams may have something to say.
+    app_moved: AtomicBool,
     incoming: Mutex<Vec<std::net::TcpStream>>,
-    completed: Mutex<Vec<(Origin, Completion)>>,
+    completed: Mutex<Vec<(Origin, Reply)>>,
 }
 
 impl LoopHandle {
@@ -84,30 +84,46 @@ impl LoopHandle {
         self.wake();
     }
 
-    /// Files the reply to a request the handler left pending.
-    pub fn complete(&self, origin: Origin, response: Response) {
-        self.send(origin, Completion::Reply(response));
-    }
-
-    /// One chunk of a streamed reply.
-    pub fn chunk(&self, origin: Origin, data: Vec<u8>) {
-        self.send(origin, Completion::Chunk(data));
-    }
-
-    /// The end of a streamed reply.
-    pub fn end(&self, origin: Origin) {
-        self.send(origin, Completion::End);
-    }
-
-    fn send(&self, origin: Origin, c: Completion) {
-        lock(&self.completed).push((origin, c));
+    /// Files the reply to a request the handler left pending: a response, or a request for
+    /// the loop to hold (a long poll, a stream) from now on.
+    pub fn complete(&self, origin: Origin, reply: impl Into<Reply>) {
+        lock(&self.completed).push((origin, reply.into()));
         self.wake();
+    }
+
+    /// The app moved (the hub called): the loop will poll what it holds.
+    fn app_moved(&self) {
+        if !self.app_moved.swap(true, Ordering::AcqRel) {
+            self.wake();
+        }
     }
 
     pub fn wake(&self) {
         if !self.woken.swap(true, Ordering::AcqRel) {
             // A failed wake leaves the loop to its next timer tick; nothing better to do here.
             let _ = self.waker.wake();
+        }
+    }
+}
+
+/// A request the loop holds for the app: a reply that waits, or a stream.
+struct Held {
+    token: usize,
+    generation: u64,
+    id: ReqId,
+    what: Holding,
+}
+
+enum Holding {
+    Pending(Pending),
+    Stream(Stream),
+}
+
+impl Holding {
+    fn deadline(&self) -> Option<Instant> {
+        match self {
+            Holding::Pending(p) => p.deadline(),
+            Holding::Stream(s) => s.deadline(),
         }
     }
 }
@@ -157,6 +173,13 @@ struct State {
     signals: Option<signal_hook_mio::v1_0::Signals>,
     conns: Slab<Connection>,
     generations: u64,
+    app: App,
+    /// Requests held for the app, walked when the hub calls and at the earliest deadline.
+    held: Slab<Held>,
+    next_held: Option<Instant>,
+    _subscription: Subscription,
+    /// Scratch space a stream's poll writes its bytes into.
+    chunk: Vec<u8>,
     headers: ReplyHeaders,
     now: Instant,
     sweep_every: Duration,
@@ -167,10 +190,12 @@ struct State {
 }
 
 impl EventLoop {
-    /// A loop serving with `stats` as its counters; give it a listener, or connections through
-    /// its [`LoopHandle`], or both. It registers with `shutdown` to hear about SIGTERM.
+    /// A loop serving `app` with `stats` as its counters; give it a listener, or connections
+    /// through its [`LoopHandle`], or both. It registers with `shutdown` to hear about SIGTERM,
+    /// and with the app's hub to hear when held requests may be answered.
     pub fn new(
         config: ServeConfig,
+        app: &App,
         stats: &'static WorkerStats,
         shutdown: Arc<Shutdown>,
     ) -> io::Result<EventLoop> {
@@ -178,10 +203,13 @@ impl EventLoop {
         let handle = Arc::new(LoopHandle {
             waker: Waker::new(poll.registry(), WAKER)?,
             woken: AtomicBool::new(false),
+            app_moved: AtomicBool::new(false),
             incoming: Mutex::new(Vec::new()),
             completed: Mutex::new(Vec::new()),
         });
         shutdown.register(handle.clone());
+        let moved = handle.clone();
+        let subscription = app.hub().subscribe(move || moved.app_moved());
         let now = Instant::now();
         // Deadlines are checked by a sweep a few times per shortest timeout, at most once a
         // second: a deadline is seen up to one sweep late, for no per-request timer upkeep.
@@ -207,6 +235,11 @@ impl EventLoop {
                 shutdown,
                 signals: None,
                 generations: 0,
+                app: app.clone(),
+                held: Slab::new(),
+                next_held: None,
+                _subscription: subscription,
+                chunk: Vec::new(),
                 now,
                 sweep_every,
                 next_sweep: now + sweep_every,
@@ -297,6 +330,9 @@ impl EventLoop {
                 s.set_accepting(Accepting::Yes);
                 s.accept_all();
             }
+            if s.next_held.is_some_and(|at| s.now >= at) {
+                s.poll_held(handler);
+            }
             if s.now >= s.next_sweep {
                 s.sweep(handler);
             }
@@ -318,6 +354,9 @@ impl State {
 
     fn next_deadline(&self) -> Instant {
         let mut next = self.next_sweep;
+        if let Some(held) = self.next_held {
+            next = next.min(held);
+        }
         if let Accepting::Paused { until } = self.accepting {
             next = next.min(until);
         }
@@ -454,20 +493,16 @@ impl State {
         }
         let completed = std::mem::take(&mut *lock(&self.handle.completed));
         let mut touched = std::mem::take(&mut self.scratch);
-        for (origin, completion) in completed {
-            let Some(c) = self.conns.get_mut(origin.token) else {
-                continue;
-            };
-            if c.generation != origin.generation {
-                continue;
-            }
-            match completion {
-                Completion::Reply(r) => c.http.respond(origin.id, r),
-                Completion::Chunk(data) => c.http.push_chunk(origin.id, &data),
-                Completion::End => c.http.end_stream(origin.id),
-            }
-            if !touched.contains(&origin.token) {
-                touched.push(origin.token);
+        for (origin, reply) in completed {
+            if self
+                .conns
+                .get(origin.token)
+                .is_some_and(|c| c.generation == origin.generation)
+            {
+                self.file(origin, reply);
+                if !touched.contains(&origin.token) {
+                    touched.push(origin.token);
+                }
             }
         }
         // One drive per connection, however many of its replies came in: one write.
@@ -476,6 +511,77 @@ impl State {
         }
         touched.clear();
         self.scratch = touched;
+        if self.handle.app_moved.swap(false, Ordering::AcqRel) {
+            self.poll_held(handler);
+        }
+    }
+
+    // ---- held requests and streams -------------------------------------------------------
+
+    /// Files a reply: into the connection now, or held by the loop until the app has it.
+    fn file(&mut self, origin: Origin, reply: Reply) {
+        if let Some(c) = self.conns.get_mut(origin.token) {
+            let held = (&mut self.held, &mut self.next_held, self.stats);
+            file(c, held, origin, reply);
+        }
+    }
+
+    /// Polls every held request and stream: what is ready is filed into its connection, and
+    /// each connection touched is driven once (one write for all it got).
+    fn poll_held(&mut self, handler: &mut impl Handler) {
+        let now = self.now;
+        let mut touched = std::mem::take(&mut self.scratch);
+        let mut chunk = std::mem::take(&mut self.chunk);
+        let mut next: Option<Instant> = None;
+        let mut done = Vec::new();
+        for (key, h) in self.held.iter_mut() {
+            let conn = self.conns.get_mut(h.token);
+            // Gone: its connection closed (or failed the request) meanwhile.
+            let Some(c) = conn.filter(|c| c.generation == h.generation && c.http.owes(h.id)) else {
+                done.push(key);
+                continue;
+            };
+            let (answered, ended) = match &mut h.what {
+                Holding::Pending(p) => match p.poll(now) {
+                    Some(reply) => {
+                        c.http.respond(h.id, reply);
+                        (true, true)
+                    }
+                    None => (false, false),
+                },
+                Holding::Stream(s) => {
+                    chunk.clear();
+                    let open = s.poll(now, &mut chunk);
+                    if !chunk.is_empty() {
+                        c.http.push_chunk(h.id, &chunk);
+                    }
+                    if !open {
+                        c.http.end_stream(h.id);
+                    }
+                    (!chunk.is_empty() || !open, !open)
+                }
+            };
+            if answered && !touched.contains(&h.token) {
+                touched.push(h.token);
+            }
+            if ended {
+                done.push(key);
+            } else if let Some(at) = h.what.deadline() {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        for key in done {
+            self.held.remove(key);
+            self.stats.release();
+        }
+        self.next_held = next;
+        for &token in &touched {
+            self.drive(token, handler);
+        }
+        touched.clear();
+        self.scratch = touched;
+        chunk.clear();
+        self.chunk = chunk;
     }
 
     fn on_signal(&mut self) {
@@ -490,6 +596,8 @@ impl State {
     fn start_draining(&mut self, handler: &mut impl Handler) {
         self.set_accepting(Accepting::No);
         self.listener = None;
+        // Held requests answer with what they have, streams end (the hub calls every loop).
+        self.app.stop();
         let mut tokens = std::mem::take(&mut self.scratch);
         tokens.extend(self.conns.iter().map(|(t, _)| t));
         // A request that reached the socket before now is in flight too, though a loop busy in
@@ -531,9 +639,9 @@ impl State {
                     generation: c.generation,
                     id: req.id,
                 };
-                let id = req.id;
                 if let Some(reply) = handler.handle(&req, origin) {
-                    c.http.respond(id, reply);
+                    let held = (&mut self.held, &mut self.next_held, self.stats);
+                    file(c, held, origin, reply);
                 }
             }
             if c.writable && write_out(c, self.headers.get(), now).is_err() {
@@ -607,6 +715,34 @@ impl State {
         expired.clear();
         self.scratch = expired;
     }
+}
+
+/// Files a reply into its connection now, or holds it (with the loop's held requests, the
+/// earliest deadline among them, and the worker's counters) until the app has it.
+fn file(
+    c: &mut Connection,
+    (held, next_held, stats): (&mut Slab<Held>, &mut Option<Instant>, &WorkerStats),
+    origin: Origin,
+    reply: Reply,
+) {
+    let what = match reply {
+        Reply::Now(r) => return c.http.respond(origin.id, r),
+        Reply::Later(pending) => Holding::Pending(pending),
+        Reply::Stream(head, stream) => {
+            c.http.respond(origin.id, head);
+            Holding::Stream(stream)
+        }
+    };
+    if let Some(at) = what.deadline() {
+        *next_held = Some(next_held.map_or(at, |next| next.min(at)));
+    }
+    stats.hold();
+    held.insert(Held {
+        token: origin.token,
+        generation: origin.generation,
+        id: origin.id,
+        what,
+    });
 }
 
 /// Writes what the connection has ready, until the socket takes no more.

@@ -2,7 +2,6 @@
 //! the listening socket, the application, per-worker stats, shutdown on SIGTERM, and the mio
 //! event loop that every epoll pattern runs. A pattern crate adds only its pattern.
 
-pub mod app;
 pub mod blocking;
 pub mod cli;
 pub mod config;
@@ -10,15 +9,25 @@ pub mod date;
 pub mod event_loop;
 pub mod listener;
 pub mod shutdown;
-pub mod stats;
 pub mod threads;
 
-pub use app::{App, Routable, Route, Task};
+pub use app::{
+    App, AppArgs, Pending, ROUTED_HEADERS, Reply, Routable, Route, Stats, Stream, Task, WorkerStats,
+};
 pub use cli::ServerArgs;
 pub use config::ServeConfig;
 pub use event_loop::{EventLoop, Handler, Inline, LoopHandle, Origin};
 pub use shutdown::Shutdown;
-pub use stats::{Stats, WorkerStats};
+
+/// Opens the app (its journal under `--data-dir`) and starts its threads, for a server of one
+/// process; a server that cannot open its data directory stops here with one line saying why.
+pub fn open_app(pattern: &'static str, args: &ServerArgs, stats: std::sync::Arc<Stats>) -> App {
+    let app = App::open(pattern, stats, &args.app).and_then(|app| app.start().map(|()| app));
+    app.unwrap_or_else(|e| {
+        eprintln!("{pattern}: {e}");
+        std::process::exit(1)
+    })
+}
 
 /// The one line a server prints when it is ready: pattern, address, workers, pid.
 /// Test harnesses and scripts read the address from it (`listening on http://ADDR `).

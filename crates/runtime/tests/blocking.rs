@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use proto::Response;
-use runtime::blocking::{OpenConns, Phase, serve};
-use runtime::{ServeConfig, ServerArgs, Stats};
+use runtime::blocking::{Context, OpenConns, Phase, ThreadPark, serve};
+use runtime::{App, ServeConfig, ServerArgs, Stats};
 
 #[derive(Parser)]
 struct Args {
@@ -19,8 +19,25 @@ struct Args {
     server: ServerArgs,
 }
 
-fn config() -> ServeConfig {
-    ServeConfig::new("blocking-test", &Args::parse_from(["test"]).server)
+/// The config, and an app on a journal of its own, from these flags.
+fn setup(flags: &[&str]) -> (ServeConfig, App) {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Relaxed);
+    let dir = std::env::temp_dir().join(format!("blocking-test-{}-{n}", std::process::id()));
+    let dir = dir.display().to_string();
+    let argv = ["test", "--data-dir", &dir]
+        .into_iter()
+        .chain(flags.iter().copied());
+    let args = Args::parse_from(argv);
+    let app = App::open(
+        "blocking-test",
+        Arc::new(Stats::new("blocking-test", 1)),
+        &args.server.app,
+    );
+    (
+        ServeConfig::new("blocking-test", &args.server),
+        app.unwrap(),
+    )
 }
 
 /// Serves one connection on a thread; the handler sleeps `delay` per request.
@@ -39,9 +56,18 @@ fn start(
     let stats = Arc::new(Stats::new("blocking-test", 1));
     let (o, s) = (open.clone(), stats.clone());
     let t = thread::spawn(move || {
-        serve(server, &config(), s.worker(0), &o, |req| {
+        let (config, app) = setup(&[]);
+        let park = ThreadPark::current();
+        let cx = Context {
+            config: &config,
+            app: &app,
+            stats: s.worker(0),
+            open: &o,
+            park: &park,
+        };
+        serve(server, &cx, |req| {
             thread::sleep(delay);
-            Response::owned(200, "text/plain", req.target.as_bytes().to_vec())
+            Response::owned(200, "text/plain", req.target.as_bytes().to_vec()).into()
         })
     });
     client
@@ -158,13 +184,19 @@ fn a_peer_that_stops_reading_is_closed_after_the_send_timeout() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (server, _) = listener.accept().unwrap();
-    let args = Args::parse_from(["test", "--send-timeout", "300ms"]);
-    let config = ServeConfig::new("blocking-test", &args.server);
     let (done, finished) = std::sync::mpsc::channel();
     thread::spawn(move || {
-        let (open, stats) = (OpenConns::default(), Stats::new("blocking-test", 1));
-        serve(server, &config, stats.worker(0), &open, |_| {
-            Response::owned(200, "application/octet-stream", vec![0; 32 << 20])
+        let (config, app) = setup(&["--send-timeout", "300ms"]);
+        let (open, park) = (OpenConns::default(), ThreadPark::current());
+        let cx = Context {
+            config: &config,
+            app: &app,
+            stats: app.stats().worker(0),
+            open: &open,
+            park: &park,
+        };
+        serve(server, &cx, |_| {
+            Response::owned(200, "application/octet-stream", vec![0; 32 << 20]).into()
         });
         let _ = done.send(());
     });

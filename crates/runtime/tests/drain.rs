@@ -29,10 +29,13 @@ fn start() -> (
     let addr = listener.local_addr().unwrap();
     let stats = Arc::new(Stats::new("drain-test", 1));
     let shutdown = Shutdown::new();
-    let config = ServeConfig::new("drain-test", &Args::parse_from(["test"]).server);
-    let mut event_loop = EventLoop::new(config, stats.worker(0), shutdown.clone()).unwrap();
+    let dir =
+        std::env::temp_dir().join(format!("drain-test-{}-{}", std::process::id(), addr.port()));
+    let args = Args::parse_from(["test", "--data-dir", &dir.display().to_string()]);
+    let config = ServeConfig::new("drain-test", &args.server);
+    let app = App::open("drain-test", stats.clone(), &args.server.app).unwrap();
+    let mut event_loop = EventLoop::new(config, &app, stats.worker(0), shutdown.clone()).unwrap();
     event_loop.listen(listener).unwrap();
-    let app = App::new(stats.clone());
     let server = thread::spawn(move || event_loop.run(&mut Inline(app)).unwrap());
     (addr, shutdown, stats, server)
 }

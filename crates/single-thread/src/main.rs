@@ -20,10 +20,9 @@
 //! pool does for Node's file system and DNS calls (`--workers` sets the pool size, like
 //! `UV_THREADPOOL_SIZE`).
 //!
-//! Demo aids for `scripts/demo.sh`, answered ahead of the application: `GET /split` replies in
-//! two writes (the head at once, the body a loop turn later, as a streamed reply leaves), to
-//! show Nagle's algorithm with `--no-nodelay`; and with `--dataset-mb N`, an in-memory data set
-//! with `POST /snapshot`, Redis's BGSAVE by fork and copy-on-write (see `snapshot.rs`).
+//! Redis's BGSAVE is this pattern's own lesson, answered ahead of the application: with
+//! `--dataset-mb N`, an in-memory data set with `POST /snapshot`, a child forked to write it
+//! while this thread serves on, by copy-on-write (see `snapshot.rs`).
 //!
 //! Run: `cargo run --release -p single-thread -- --addr 127.0.0.1:8080 [--offload]`
 
@@ -34,9 +33,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use proto::{Request, Response};
+use proto::Request;
 use runtime::{
-    App, EventLoop, Handler, LoopHandle, Origin, Route, ServeConfig, ServerArgs, Shutdown, Stats,
+    App, EventLoop, Handler, LoopHandle, Origin, Reply, Route, ServeConfig, ServerArgs, Shutdown,
+    Stats,
 };
 
 const PATTERN: &str = "single-thread";
@@ -69,12 +69,12 @@ struct Args {
 fn main() -> std::io::Result<()> {
     let args: Args = runtime::cli::parse();
     let stats = Arc::new(Stats::new(PATTERN, 1));
-    let app = App::new(stats.clone());
+    let app = runtime::open_app(PATTERN, &args.server, stats.clone());
 
     let listener = runtime::listener::bind(&args.server, false)?;
     let addr = listener.local_addr()?;
     let config = ServeConfig::new(PATTERN, &args.server);
-    let mut event_loop = EventLoop::new(config, stats.worker(0), Shutdown::new())?;
+    let mut event_loop = EventLoop::new(config, &app, stats.worker(0), Shutdown::new())?;
     event_loop.listen(listener)?;
     event_loop.watch_signals()?;
 
@@ -107,19 +107,19 @@ struct Node {
     app: App,
     pool: Option<rayon::ThreadPool>,
     loop_handle: Arc<LoopHandle>,
-    /// `--dataset-mb`: the data set behind `/dataset` and `/snapshot` (a demo aid).
+    /// `--dataset-mb`: the data set behind `/dataset` and `/snapshot`.
     dataset: Option<snapshot::DataSet>,
 }
 
 impl Handler for Node {
-    fn handle(&mut self, req: &Request<'_>, origin: Origin) -> Option<Response> {
-        if let Some(reply) = self.demo_aid(req, origin) {
-            return Some(reply);
+    fn handle(&mut self, req: &Request<'_>, origin: Origin) -> Option<Reply> {
+        if let Some(reply) = self.dataset.as_mut().and_then(|d| d.route(req)) {
+            return Some(reply.into());
         }
         match self.app.route(req) {
             Route::Ready(reply) => Some(reply),
             // The lesson: every other connection waits while this runs.
-            Route::Heavy(task) if self.pool.is_none() => Some(task.run()),
+            Route::Heavy(task) if self.pool.is_none() => Some(task.run().into()),
             Route::Heavy(task) => {
                 let loop_handle = self.loop_handle.clone();
                 self.pool
@@ -128,20 +128,6 @@ impl Handler for Node {
                 None
             }
         }
-    }
-}
-
-impl Node {
-    /// The demo aids (see the header), or `None` for the application's requests.
-    fn demo_aid(&mut self, req: &Request<'_>, origin: Origin) -> Option<Response> {
-        if req.method == "GET" && req.path() == "/split" {
-            // The head leaves in this turn's write; the body waits in the mailbox for the next
-            // turn, and leaves in a second write.
-            self.loop_handle.chunk(origin, b"Hello, World!".to_vec());
-            self.loop_handle.end(origin);
-            return Some(Response::stream(200, "text/plain"));
-        }
-        self.dataset.as_mut()?.route(req)
     }
 }
 

@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use runtime::blocking::{OpenConns, serve};
+use runtime::blocking::{Context, OpenConns, ThreadPark, serve};
 use runtime::listener::{AcceptBackoff, is_out_of_resources};
 use runtime::shutdown::STOP_SIGNALS;
 use runtime::{App, ServeConfig, ServerArgs, Stats};
@@ -95,7 +95,7 @@ fn main() -> io::Result<()> {
     let addr = listener.local_addr()?;
     let acceptor = Acceptor::new(listener)?;
     let pool = Arc::new(Pool {
-        app: App::new(stats.clone()),
+        app: runtime::open_app(PATTERN, &args.server, stats.clone()),
         config: ServeConfig::new(PATTERN, &args.server),
         stats,
         open: OpenConns::default(),
@@ -300,14 +300,20 @@ impl Pool {
             stats.bind_thread();
         }
         stats.add_extra(THREADS, 1);
+        let park = ThreadPark::current();
 
         let mut state = self.lock();
         loop {
             if let Some(stream) = state.queue.pop_front() {
                 drop(state);
-                serve(stream, &self.config, stats, &self.open, |req| {
-                    self.app.handle_inline(req)
-                });
+                let cx = Context {
+                    config: &self.config,
+                    app: &self.app,
+                    stats,
+                    open: &self.open,
+                    park: &park,
+                };
+                serve(stream, &cx, |req| self.app.handle_inline(req));
                 state = self.lock();
                 state.free += 1;
                 if std::mem::take(&mut state.acceptor_waits) {
@@ -332,6 +338,8 @@ impl Pool {
         self.lock().stopping = true;
         self.work.notify_all();
         self.open.stop_reading();
+        // Threads held by long polls and streams answer with what they have now.
+        self.app.stop();
         let deadline = Instant::now() + self.config.shutdown_timeout;
         let mut state = self.lock();
         while state.threads > 0 {

@@ -44,14 +44,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
-use proto::{Conn, Response};
+use proto::{Conn, ReqId, Response};
 use runtime::date::ReplyHeaders;
 use runtime::listener::{AcceptBackoff, is_out_of_resources};
-use runtime::{App, Route, ServeConfig, ServerArgs, Stats, Task};
+use runtime::{App, Pending, Reply, Route, ServeConfig, ServerArgs, Stats, Stream, Task};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::{Instant, sleep};
 
 const PATTERN: &str = "work-stealing";
@@ -76,16 +76,23 @@ struct Service {
     app: App,
     config: ServeConfig,
     offload: bool,
+    /// Notified whenever the app's hub calls: held requests and streams poll again.
+    moved: Arc<Notify>,
 }
 
 fn main() -> io::Result<()> {
     let args: Args = runtime::cli::parse();
     let workers = args.server.workers();
     let stats = Arc::new(Stats::new(PATTERN, workers).with_extra(&["migrated_in"]));
+    let app = runtime::open_app(PATTERN, &args.server, stats.clone());
+    let moved = Arc::new(Notify::new());
+    let notify = moved.clone();
+    let _subscription = app.hub().subscribe(move || notify.notify_waiters());
     let service = Arc::new(Service {
-        app: App::new(stats.clone()),
+        app,
         config: ServeConfig::new(PATTERN, &args.server),
         offload: args.offload,
+        moved,
     });
 
     let listener = runtime::listener::bind(&args.server, false)?;
@@ -98,7 +105,7 @@ fn main() -> io::Result<()> {
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         let listener = TcpListener::from_std(listener)?;
-        tokio::spawn(accept_loop(listener, service, stopping));
+        tokio::spawn(accept_loop(listener, service.clone(), stopping));
         runtime::announce(PATTERN, addr, workers);
         tokio::select! {
             _ = terminate.recv() => {}
@@ -107,8 +114,10 @@ fn main() -> io::Result<()> {
         io::Result::Ok(())
     })?;
 
-    // Stop accepting and reading new requests; replies in flight still go out.
+    // Stop accepting and reading new requests; replies in flight still go out, and held
+    // requests answer with what they have.
     stop.send_replace(Some(std::time::Instant::now()));
+    service.app.stop();
     // Each task holds a receiver, so none left means all are done. Waited for on this thread's
     // clock: tokio's timers fire only when a worker is free to drive them, and every worker
     // may be busy with an inline /block.
@@ -248,29 +257,34 @@ async fn drive(
             let id = req.id;
             let reply = match service.app.route(&req) {
                 Route::Ready(reply) => reply,
-                Route::Heavy(task) => run_heavy(task, service.offload).await,
+                Route::Heavy(task) => run_heavy(task, service.offload).await.into(),
             };
-            http.respond(id, reply);
+            match reply {
+                Reply::Now(reply) => http.respond(id, reply),
+                Reply::Later(pending) => http.respond(id, wait(service, pending).await),
+                Reply::Stream(head, body) => {
+                    http.respond(id, head);
+                    let mut out = Out {
+                        stream,
+                        http: &mut http,
+                        headers: &mut headers,
+                        deadline: deadline.as_mut(),
+                    };
+                    if !stream_out(&mut out, service, id, body).await {
+                        return;
+                    }
+                }
+            }
         }
         // Every reply is ready (heavy ones were awaited): write them, as the peer takes them.
-        loop {
-            if http
-                .output(headers.refresh(), std::time::Instant::now())
-                .is_empty()
-            {
-                break;
-            }
-            set_deadline(deadline.as_mut(), &http);
-            let out = http.output(headers.get(), std::time::Instant::now());
-            tokio::select! {
-                biased;
-                written = stream.write(out) => match written {
-                    Ok(n) => http.written(n, std::time::Instant::now()),
-                    Err(_) => return,
-                },
-                // A peer that takes nothing for --send-timeout is closed.
-                () = &mut deadline => http.handle_timeout(std::time::Instant::now()),
-            }
+        let mut out = Out {
+            stream,
+            http: &mut http,
+            headers: &mut headers,
+            deadline: deadline.as_mut(),
+        };
+        if !out.flush().await {
+            return;
         }
         if http.is_finished() {
             // Half-close, then drain what the peer still sends until it closes or the linger
@@ -303,6 +317,103 @@ async fn drive(
             since = stopped(stopping) => http.stop_reading(since),
         }
     }
+}
+
+/// A connection's output side: its socket, protocol state, headers and timer.
+struct Out<'a> {
+    stream: &'a mut TcpStream,
+    http: &'a mut Conn,
+    headers: &'a mut ReplyHeaders,
+    deadline: std::pin::Pin<&'a mut tokio::time::Sleep>,
+}
+
+impl Out<'_> {
+    /// Writes what is ready, as the peer takes it; false if the connection failed.
+    async fn flush(&mut self) -> bool {
+        loop {
+            let now = std::time::Instant::now();
+            if self.http.output(self.headers.refresh(), now).is_empty() {
+                return true;
+            }
+            set_deadline(self.deadline.as_mut(), self.http);
+            let out = self.http.output(self.headers.get(), now);
+            tokio::select! {
+                biased;
+                written = self.stream.write(out) => match written {
+                    Ok(n) => self.http.written(n, std::time::Instant::now()),
+                    Err(_) => return false,
+                },
+                // A peer that takes nothing for --send-timeout is closed.
+                () = &mut self.deadline => self.http.handle_timeout(std::time::Instant::now()),
+            }
+        }
+    }
+}
+
+/// Holds the task (not a worker) until the held request has its reply: woken when the app's
+/// hub calls, or at the request's deadline.
+async fn wait(service: &Service, mut pending: Pending) -> Response {
+    let slot = this_worker();
+    service.app.stats().worker(slot).hold();
+    let reply = loop {
+        // Registered before looking, so a change right after the look still wakes us.
+        let moved = service.moved.notified();
+        tokio::pin!(moved);
+        moved.as_mut().enable();
+        if let Some(reply) = pending.poll(std::time::Instant::now()) {
+            break reply;
+        }
+        match pending.deadline() {
+            Some(at) => {
+                tokio::select! {
+                    () = moved => {}
+                    () = tokio::time::sleep_until(Instant::from_std(at)) => {}
+                }
+            }
+            None => moved.await,
+        }
+    };
+    service.app.stats().worker(slot).release();
+    reply
+}
+
+/// Writes a streamed reply as it is produced; false if the connection failed.
+async fn stream_out(out: &mut Out<'_>, service: &Service, id: ReqId, mut body: Stream) -> bool {
+    let slot = this_worker();
+    service.app.stats().worker(slot).hold();
+    let mut chunk = Vec::new();
+    let ok = loop {
+        if !out.flush().await {
+            break false;
+        }
+        if !out.http.owes(id) {
+            break true;
+        }
+        let moved = service.moved.notified();
+        tokio::pin!(moved);
+        moved.as_mut().enable();
+        chunk.clear();
+        let open = body.poll(std::time::Instant::now(), &mut chunk);
+        if !chunk.is_empty() {
+            out.http.push_chunk(id, &chunk);
+        }
+        if !open {
+            out.http.end_stream(id);
+            continue;
+        }
+        if chunk.is_empty() {
+            let until = body.deadline().map_or_else(
+                || Instant::now() + Duration::from_secs(86_400),
+                Instant::from_std,
+            );
+            tokio::select! {
+                () = moved => {}
+                () = tokio::time::sleep_until(until) => {}
+            }
+        }
+    };
+    service.app.stats().worker(slot).release();
+    ok
 }
 
 /// Moves the connection's timer to its next deadline (far away if it has none).

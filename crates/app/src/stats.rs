@@ -20,6 +20,8 @@ pub struct WorkerStats {
     pub accepted: AtomicU64,
     pub open: AtomicU64,
     pub requests: AtomicU64,
+    /// Requests held right now (long polls, streams, replies waiting for a commit).
+    pub held: AtomicU64,
     /// Wake-ups for a new connection that found none to accept: another worker took it. A lower
     /// bound on the herd: epoll re-checks readiness before it reports, so most loops woken for a
     /// connection already taken sleep again inside the kernel; their context switches show them.
@@ -65,6 +67,14 @@ impl WorkerStats {
 
     pub fn request(&self) {
         self.requests.fetch_add(1, Relaxed);
+    }
+
+    pub fn hold(&self) {
+        self.held.fetch_add(1, Relaxed);
+    }
+
+    pub fn release(&self) {
+        self.held.fetch_sub(1, Relaxed);
     }
 
     pub fn wasted_wakeup(&self) {
@@ -128,10 +138,10 @@ impl Stats {
         self.workers
     }
 
-    /// The `/stats` document.
-    pub fn to_json(&self) -> String {
+    /// The `/stats` document; `more` is inserted at its top level (`"key":value,...`).
+    pub fn to_json(&self, more: &str) -> String {
         let mut s = String::with_capacity(128 + 160 * self.workers.len());
-        let (mut accepted, mut open, mut requests) = (0, 0, 0);
+        let (mut accepted, mut open, mut requests, mut held) = (0, 0, 0, 0);
         let _ = write!(
             s,
             "{{\"pattern\":\"{}\",\"pid\":{},\"uptime_ms\":{},\"workers\":[",
@@ -140,17 +150,18 @@ impl Stats {
             self.started.elapsed().as_millis()
         );
         for (id, w) in self.workers.iter().enumerate() {
-            let (a, o, r) = (
+            let (a, o, r, h) = (
                 w.accepted.load(Relaxed),
                 w.open.load(Relaxed),
                 w.requests.load(Relaxed),
+                w.held.load(Relaxed),
             );
-            (accepted, open, requests) = (accepted + a, open + o, requests + r);
+            (accepted, open, requests, held) = (accepted + a, open + o, requests + r, held + h);
             let sep = if id == 0 { "" } else { "," };
             let (pid, wasted) = (w.pid.load(Relaxed), w.wasted_wakeups.load(Relaxed));
             let _ = write!(
                 s,
-                "{sep}{{\"id\":{id},\"pid\":{pid},\"accepted\":{a},\"open\":{o},\"requests\":{r},\"wasted_wakeups\":{wasted}"
+                "{sep}{{\"id\":{id},\"pid\":{pid},\"accepted\":{a},\"open\":{o},\"requests\":{r},\"held\":{h},\"wasted_wakeups\":{wasted}"
             );
             if let Some((voluntary, involuntary)) = w.context_switches() {
                 let _ = write!(
@@ -163,10 +174,15 @@ impl Stats {
             }
             s.push('}');
         }
-        let _ = writeln!(
+        let _ = write!(
             s,
-            "],\"total\":{{\"accepted\":{accepted},\"open\":{open},\"requests\":{requests}}}}}"
+            "],\"total\":{{\"accepted\":{accepted},\"open\":{open},\"requests\":{requests},\"held\":{held}}}"
         );
+        if !more.is_empty() {
+            s.push(',');
+            s.push_str(more);
+        }
+        s.push_str("}\n");
         s
     }
 }
@@ -181,12 +197,14 @@ mod tests {
         stats.worker(0).connection_opened();
         stats.worker(1).request();
         stats.worker(1).add_extra(0, 3);
-        let json = stats.to_json();
+        let json = stats.to_json("\"more\":1");
         let pid = std::process::id();
         assert!(json.contains(&format!("\"pid\":{pid},")), "{json}");
         assert!(json.contains("\"spawns\":3"), "{json}");
         assert!(
-            json.contains("\"total\":{\"accepted\":1,\"open\":1,\"requests\":1}"),
+            json.contains(
+                "\"total\":{\"accepted\":1,\"open\":1,\"requests\":1,\"held\":0},\"more\":1}"
+            ),
             "{json}"
         );
     }

@@ -1,0 +1,59 @@
+//! The application's flags, flattened into every server's (`runtime::ServerArgs`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use flags::{duration, positive};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct AppArgs {
+    /// Where the journal lives (jobs, messages) [default: ./data/PATTERN]. One server per
+    /// directory at a time; a prefork server's workers share their master's.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// `sync`: acknowledge a write once fdatasync covers it (one fdatasync for every write
+    /// waiting: group commit). `async`: once it is written; flushed every --commit-delay.
+    #[arg(long, value_enum, default_value_t = Commit::Sync)]
+    pub commit: Commit,
+
+    /// With --commit async: how often the journal is flushed (Postgres's wal_writer_delay).
+    #[arg(long, default_value = "200ms", value_parser = duration)]
+    pub commit_delay: Duration,
+
+    /// The journal rolls to a new segment file past this many MiB.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4095))]
+    pub segment_mb: u64,
+
+    /// Old segments are deleted while the journal holds more than this many MiB.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub retain_mb: u64,
+
+    /// Threads running jobs, in each process.
+    #[arg(long, default_value_t = 2, value_parser = positive)]
+    pub job_workers: usize,
+
+    /// Jobs waiting for a job worker in a process at most; past it, POST /jobs gets 503.
+    #[arg(long, default_value_t = 1000, value_parser = positive)]
+    pub max_queued_jobs: usize,
+
+    /// A job whose process stops renewing its lease this long is taken over by another
+    /// process (or by the restarted server): jobs run at least once.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub job_lease: Duration,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Commit {
+    Sync,
+    Async,
+}
+
+impl AppArgs {
+    /// `--data-dir`, or `./data/PATTERN`.
+    pub fn data_dir(&self, pattern: &str) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("data").join(pattern))
+    }
+}

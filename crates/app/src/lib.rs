@@ -1,0 +1,386 @@
+//! The application every server runs, so that a difference in a benchmark belongs to the
+//! pattern. It decides *what* to answer and *when*; it never touches a socket. Routing is cheap
+//! and runs where the request was parsed; `/work` and `/block` come back as a [`Task`] that the
+//! pattern decides where to run; a request that waits comes back as a [`Pending`] and a push
+//! as a [`Stream`], which every driver holds the same way (see [`Reply`]).
+//!
+//! | request                         | reply                                                   |
+//! |---------------------------------|---------------------------------------------------------|
+//! | `GET /`                         | `Hello, World!` (the benchmark request; no allocation)  |
+//! | `GET /work?us=N`                | N µs of CPU work (hashing), at most 1 s                 |
+//! | `GET /block?ms=N`               | blocks the thread N ms, at most 10 s: a synchronous call|
+//! | `POST /echo`                    | the request body                                        |
+//! | `GET /split`                    | `Hello, World!` in two writes: the head, then the body  |
+//! | `GET /stats`                    | per-worker counters, jobs and journal, as JSON          |
+//! | `POST /jobs?work_us=N`          | 202 + `Location`: an async job (or `?sleep_ms=N`)       |
+//! | `GET /jobs/ID[?wait=30s]`       | the job's state: short poll, or long poll until done    |
+//! | `DELETE /jobs/ID`               | cancels a queued or running job                         |
+//! | `POST /messages`                | 201 `{"seq": N}`: a chat message, appended to the log   |
+//! | `GET /messages?after=N[&wait=]` | the messages after N: short poll, or long poll          |
+//!
+//! Every job and message is a record in one [`journal`] that all the server's threads and
+//! processes share; each process keeps a view of it (jobs' states, recent events) that catches
+//! up whenever the journal moves, and a [`Hub`] that tells the drivers so.
+
+mod args;
+mod commit;
+mod hub;
+mod jobs;
+mod messages;
+mod problem;
+mod records;
+mod reply;
+pub mod stats;
+mod task;
+mod view;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use journal::Journal;
+use proto::{Request, Response};
+
+pub use args::{AppArgs, Commit};
+pub use hub::{Hub, Subscription};
+pub use reply::{Pending, Reply, Stream};
+pub use stats::{EXTRA_COUNTERS, Stats, WorkerStats};
+pub use task::{MAX_BLOCK_MS, MAX_WORK_US, Task};
+pub use view::{Event, EventKind};
+
+use problem::problem;
+use reply::{StreamKind, Wait};
+use view::View;
+
+const KNOWN_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// Every request header routing reads: a copy of a request made to cross to another thread
+/// needs only these.
+pub const ROUTED_HEADERS: &[&str] = &["content-type", "prefer"];
+
+/// What routing decided.
+pub enum Route {
+    /// A reply (now, later, or streamed).
+    Ready(Reply),
+    /// Slow work: run it here (and stall whatever else this thread serves) or elsewhere.
+    Heavy(Task),
+}
+
+/// What routing reads from a request. proto's [`Request`], borrowed from its connection's
+/// buffer, answers it; so can a copy of a request made to cross to another thread (the
+/// load-balanced pattern parses on one thread and handles on another).
+pub trait Routable {
+    fn method(&self) -> &str;
+    /// The path, without the query.
+    fn path(&self) -> &str;
+    /// The value of query parameter `name`, undecoded.
+    fn query_param(&self, name: &str) -> Option<&str>;
+    /// The first header named `name` (case-insensitive).
+    fn header(&self, name: &str) -> Option<&[u8]>;
+    fn body(&self) -> &[u8];
+}
+
+impl Routable for Request<'_> {
+    fn method(&self) -> &str {
+        self.method
+    }
+    fn path(&self) -> &str {
+        Request::path(self)
+    }
+    fn query_param(&self, name: &str) -> Option<&str> {
+        Request::query_param(self, name)
+    }
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        Request::header(self, name)
+    }
+    fn body(&self) -> &[u8] {
+        self.body
+    }
+}
+
+/// The application of one process: cheap to clone (all clones share one state).
+#[derive(Clone)]
+pub struct App {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pattern: &'static str,
+    stats: Arc<Stats>,
+    journal: Arc<Journal>,
+    view: Mutex<View>,
+    hub: Hub,
+    commit: commit::Committer,
+    jobs: jobs::Jobs,
+    stopping: AtomicBool,
+}
+
+impl App {
+    /// Opens the journal under `--data-dir` (recovering it, and printing one line about it) and
+    /// builds the view of it. Starts no thread: a prefork master opens the app, forks, and each
+    /// worker calls [`App::start`].
+    pub fn open(pattern: &'static str, stats: Arc<Stats>, args: &AppArgs) -> io::Result<App> {
+        let dir = args.data_dir(pattern);
+        let config = journal::Config {
+            dir: dir.clone(),
+            segment_bytes: args.segment_mb << 20,
+            retain_bytes: args.retain_mb << 20,
+        };
+        let (journal, recovery) = Journal::open(config).map_err(|e| match e {
+            journal::OpenError::Locked { pid: Some(pid), .. } => io::Error::other(format!(
+                "--data-dir {}: in use by another server (pid {pid}); give each server its own",
+                dir.display()
+            )),
+            e => io::Error::other(format!("--data-dir {}: {e}", dir.display())),
+        })?;
+        eprintln!("{pattern}: {recovery}");
+        let journal = Arc::new(journal);
+        let mut view = View::default();
+        view.catch_up(&journal);
+        Ok(App {
+            inner: Arc::new(Inner {
+                pattern,
+                stats,
+                commit: commit::Committer::new(args),
+                jobs: jobs::Jobs::new(args),
+                view: Mutex::new(view),
+                journal,
+                hub: Hub::default(),
+                stopping: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Starts this process's threads: the journal watcher (it catches the view up after every
+    /// append, by any process, and notifies the hub), the committer, and the job workers.
+    /// Call it once per process, after any fork.
+    pub fn start(&self) -> io::Result<()> {
+        let watcher = self.clone();
+        std::thread::Builder::new()
+            .name("journal-watch".into())
+            .spawn(move || watcher.watch_journal())?;
+        commit::start(self)?;
+        jobs::start(self)
+    }
+
+    /// Shutdown: every held request answers with what it has now, and streams end.
+    pub fn stop(&self) {
+        if !self.inner.stopping.swap(true, Ordering::SeqCst) {
+            self.inner.hub.notify();
+        }
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.inner.stopping.load(Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.inner.stats
+    }
+
+    /// Tells subscribers whenever the journal moved, a write became durable, or shutdown began.
+    pub fn hub(&self) -> &Hub {
+        &self.inner.hub
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.inner.journal
+    }
+
+    /// The view, caught up with the journal (read-your-writes across processes: another
+    /// process's append is seen as soon as it is published, whether or not the watcher has
+    /// woken yet).
+    fn view(&self) -> MutexGuard<'_, View> {
+        let mut view = hub::lock(&self.inner.view);
+        if self.inner.journal.head() > view.applied {
+            view.catch_up(&self.inner.journal);
+        }
+        view
+    }
+
+    /// One thread per process: sleeps in FUTEX_WAIT on the journal's generation word, which
+    /// any process's append bumps, then catches the view up and notifies the hub.
+    fn watch_journal(&self) {
+        let journal = &self.inner.journal;
+        loop {
+            let seen = journal.generation();
+            drop(self.view());
+            self.inner.hub.notify();
+            journal.wait_for_change(seen, std::time::Duration::from_secs(3600));
+        }
+    }
+
+    // ---- routing ---------------------------------------------------------------------------
+
+    pub fn route<R: Routable + ?Sized>(&self, req: &R) -> Route {
+        let method = req.method();
+        let get = matches!(method, "GET" | "HEAD");
+        let path = req.path();
+        let reply = match (path, get) {
+            ("/", true) => Response::text(200, "Hello, World!").into(),
+            ("/work", true) => match number(req, "us", MAX_WORK_US) {
+                Ok(us) => return Route::Heavy(Task::Work { us }),
+                Err(r) => r.into(),
+            },
+            ("/block", true) => match number(req, "ms", MAX_BLOCK_MS) {
+                Ok(ms) => return Route::Heavy(Task::Block { ms }),
+                Err(r) => r.into(),
+            },
+            ("/stats", true) => self.stats_reply().into(),
+            ("/split", true) => self.split(),
+            ("/echo", _) if method == "POST" => echo(req).into(),
+            ("/jobs", _) if method == "POST" => self.post_job(req),
+            ("/messages", true) => self.get_messages(req),
+            ("/messages", _) if method == "POST" => self.post_message(req),
+            (p, _) if p.starts_with("/jobs/") => match method {
+                "GET" | "HEAD" => self.get_job(req, &p["/jobs/".len()..]),
+                "DELETE" => self.delete_job(&p["/jobs/".len()..]),
+                _ => not_allowed("GET, HEAD, DELETE").into(),
+            },
+            ("/" | "/work" | "/block" | "/stats" | "/split", false) => {
+                not_allowed("GET, HEAD").into()
+            }
+            ("/echo" | "/jobs", _) => not_allowed("POST").into(),
+            ("/messages", _) => not_allowed("GET, HEAD, POST").into(),
+            _ if !KNOWN_METHODS.contains(&method) => {
+                Response::text(501, "Not Implemented\n").into()
+            }
+            _ => Response::text(404, "Not Found\n").into(),
+        };
+        Route::Ready(reply)
+    }
+
+    /// Routes, and runs a heavy task right here: for patterns where the request's thread is
+    /// the one that should pay for it.
+    pub fn handle_inline<R: Routable + ?Sized>(&self, req: &R) -> Reply {
+        match self.route(req) {
+            Route::Ready(reply) => reply,
+            Route::Heavy(task) => Reply::Now(task.run()),
+        }
+    }
+
+    fn stats_reply(&self) -> Response {
+        let (queued, running) = self.view().job_counts();
+        let j = self.inner.journal.stats();
+        let more = format!(
+            "\"hub\":{{\"subscribers\":{},\"notifications\":{}}},\
+             \"jobs\":{{\"queued\":{queued},\"running\":{running}}},\
+             \"journal\":{{\"head\":{},\"durable\":{},\"first_seq\":{},\"appends\":{},\
+             \"fdatasyncs\":{},\"synced_records\":{},\"segments_rolled\":{},\
+             \"segments_deleted\":{}}}",
+            self.inner.hub.subscribers(),
+            self.inner.hub.notifications(),
+            j.head,
+            j.durable,
+            j.first_seq,
+            j.appends,
+            j.fdatasyncs,
+            j.synced_records,
+            j.segments_rolled,
+            j.segments_deleted
+        );
+        Response::owned(
+            200,
+            "application/json",
+            self.inner.stats.to_json(&more).into_bytes(),
+        )
+    }
+
+    /// `GET /split`: the head leaves in one write, the body in the next (for Nagle's
+    /// algorithm: a second small write waits for the first one's ACK unless TCP_NODELAY).
+    fn split(&self) -> Reply {
+        let stream = Stream {
+            app: self.clone(),
+            kind: StreamKind::Split {
+                body: Some(b"Hello, World!"),
+            },
+            next: Some(Instant::now()),
+        };
+        Reply::Stream(Response::stream(200, "text/plain"), stream)
+    }
+
+    /// Appends a record in `tx`. When it opened a new segment, the live state (unfinished
+    /// jobs) is appended again after it, so that retention can delete old segments safely.
+    fn append(&self, tx: &mut journal::Tx<'_>, kind: u8, payload: &[u8]) -> io::Result<u64> {
+        let appended = tx.append(kind, payload)?;
+        if appended.rolled {
+            self.carry_jobs_forward(tx)?;
+        }
+        Ok(appended.seq)
+    }
+
+    // ---- held requests ---------------------------------------------------------------------
+
+    /// A reply that is due once `seq` is durable: at once with `--commit async`, after the
+    /// group commit that covers it with `--commit sync`.
+    fn after_commit(&self, seq: u64, reply: Response) -> Reply {
+        if !self.inner.commit.waits() || self.inner.journal.durable() >= seq {
+            return Reply::Now(reply);
+        }
+        self.inner.commit.want(seq);
+        Reply::Later(Pending {
+            app: self.clone(),
+            wait: Wait::Durable {
+                seq,
+                reply: Some(reply),
+            },
+            until: None,
+        })
+    }
+
+    fn poll_wait(&self, wait: &mut Wait, expired: bool) -> Option<Response> {
+        match wait {
+            Wait::Durable { seq, reply } => {
+                if self.inner.journal.durable() >= *seq {
+                    return reply.take();
+                }
+                if self.is_stopping() {
+                    // Not acknowledged: the write may or may not survive a crash.
+                    return Some(problem(
+                        503,
+                        "the server is stopping before this write was made durable; retry",
+                    ));
+                }
+                None
+            }
+            Wait::Messages { after, limit } => self.poll_messages(*after, *limit, expired),
+            Wait::Job {
+                id,
+                durable,
+                accepted,
+            } => self.poll_job(*id, *durable, *accepted, expired),
+        }
+    }
+}
+
+/// Query parameter `name` as a whole number, capped at `max`.
+fn number<R: Routable + ?Sized>(req: &R, name: &str, max: u64) -> Result<u64, Response> {
+    match req.query_param(name).map(str::parse::<u64>) {
+        Some(Ok(n)) => Ok(n.min(max)),
+        _ => {
+            let msg = format!(
+                "expected {}?{name}=N (a whole number, at most {max})\n",
+                req.path()
+            );
+            Err(Response::owned(400, "text/plain", msg.into_bytes()))
+        }
+    }
+}
+
+fn echo<R: Routable + ?Sized>(req: &R) -> Response {
+    let content_type = req
+        .header("content-type")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map_or_else(|| "application/octet-stream".to_string(), str::to_string);
+    Response::owned(200, content_type, req.body().to_vec())
+}
+
+fn not_allowed(allow: &'static str) -> Response {
+    Response::text(405, "Method Not Allowed\n").with_header("Allow", allow)
+}
+
+#[cfg(test)]
+mod tests;

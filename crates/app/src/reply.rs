@@ -1,0 +1,93 @@
+//! The three ways the application answers: now; later (held until something moves or a timer
+//! fires); or as a stream. Each driver implements "later" and "streamed" once for every route:
+//! it keeps the [`Pending`] or [`Stream`], subscribes to the app's [`Hub`](crate::Hub), and
+//! polls whenever the hub calls or the deadline passes.
+
+use std::time::Instant;
+
+use proto::Response;
+
+use crate::App;
+
+pub enum Reply {
+    /// The reply, ready now.
+    Now(Response),
+    /// Held: poll it when the hub calls and at its deadline, until it gives the reply.
+    Later(Pending),
+    /// A streamed reply: send the head now, then whatever each poll produces.
+    Stream(Response, Stream),
+}
+
+impl From<Response> for Reply {
+    fn from(r: Response) -> Reply {
+        Reply::Now(r)
+    }
+}
+
+/// A reply that waits for something: a write to become durable, a message after some seq, a
+/// job to finish. It always answers by its deadline, and at once when the server stops.
+pub struct Pending {
+    pub(crate) app: App,
+    pub(crate) wait: Wait,
+    pub(crate) until: Option<Instant>,
+}
+
+pub(crate) enum Wait {
+    /// A reply about a write, sent once the write is durable.
+    Durable { seq: u64, reply: Option<Response> },
+    /// A long poll of /messages.
+    Messages { after: u64, limit: usize },
+    /// A job's final state: a long poll of /jobs/ID, or `Prefer: wait` on POST /jobs. Until
+    /// the job finishes, nothing is sent before `durable` is on disk.
+    Job {
+        id: u64,
+        durable: u64,
+        accepted: bool,
+    },
+}
+
+impl Pending {
+    /// The reply, if it is ready at `now` (or the deadline has passed, or the server stops).
+    pub fn poll(&mut self, now: Instant) -> Option<Response> {
+        let expired = self.until.is_some_and(|until| now >= until) || self.app.is_stopping();
+        self.app.clone().poll_wait(&mut self.wait, expired)
+    }
+
+    /// When to poll at the latest, whatever the hub says.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.until
+    }
+}
+
+/// A reply whose body is produced over time.
+pub struct Stream {
+    pub(crate) app: App,
+    pub(crate) kind: StreamKind,
+    pub(crate) next: Option<Instant>,
+}
+
+pub(crate) enum StreamKind {
+    /// `GET /split`: the head in one write, the body in the next.
+    Split { body: Option<&'static [u8]> },
+}
+
+impl Stream {
+    /// Appends to `out` what is due at `now`. Returns whether the stream goes on; when it does
+    /// not, the driver ends the reply (and a stream always ends when the server stops).
+    pub fn poll(&mut self, now: Instant, out: &mut Vec<u8>) -> bool {
+        match &mut self.kind {
+            StreamKind::Split { body } => {
+                if self.next.is_some_and(|due| now < due) && !self.app.is_stopping() {
+                    return true;
+                }
+                out.extend_from_slice(body.take().unwrap_or_default());
+                false
+            }
+        }
+    }
+
+    /// When to poll at the latest, whatever the hub says.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.next
+    }
+}
