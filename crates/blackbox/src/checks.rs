@@ -11,7 +11,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 mod app;
+mod push;
 pub use app::*;
+pub use push::*;
 
 use crate::client::{Client, DEFAULT_TIMEOUT, Expect, ReadError, Response, preview};
 use crate::json::{self, Value};

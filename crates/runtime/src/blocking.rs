@@ -254,7 +254,7 @@ fn stream_out<S: BlockingStream, P: Park>(
         }
         let now = Instant::now();
         chunk.clear();
-        let open = body.poll(now, &mut chunk);
+        let open = body.poll(now, &mut chunk, http.stream_budget());
         if !chunk.is_empty() {
             http.push_chunk(id, &chunk);
         }

@@ -137,6 +137,8 @@ struct Connection {
     readable: bool,
     /// The socket may take output.
     writable: bool,
+    /// Its stream has more to send but the peer is behind: poll it once the output drains.
+    stream_waits: bool,
 }
 
 enum Accepting {
@@ -466,6 +468,7 @@ impl State {
             generation: self.generations,
             readable: false,
             writable: false,
+            stream_waits: false,
         });
         self.stats.connection_opened();
     }
@@ -550,8 +553,14 @@ impl State {
                     None => (false, false),
                 },
                 Holding::Stream(s) => {
+                    let budget = c.http.stream_budget();
+                    if budget == 0 {
+                        // The peer is behind: `drive` asks again when the output drains.
+                        c.stream_waits = true;
+                        continue;
+                    }
                     chunk.clear();
-                    let open = s.poll(now, &mut chunk);
+                    let open = s.poll(now, &mut chunk, budget);
                     if !chunk.is_empty() {
                         c.http.push_chunk(h.id, &chunk);
                     }
@@ -646,6 +655,10 @@ impl State {
             }
             if c.writable && write_out(c, self.headers.get(), now).is_err() {
                 return self.close(token);
+            }
+            if c.stream_waits && c.http.stream_budget() > 0 {
+                c.stream_waits = false;
+                self.next_held = Some(now);
             }
             if c.http.is_finished() && c.http.should_linger() {
                 // Half-close, then drain what the peer still sends before closing, so that a
