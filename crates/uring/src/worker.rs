@@ -49,12 +49,14 @@ use slab::Slab;
 
 use crate::buf_ring::BufRing;
 
-/// Each worker's extra counters in `/stats`: `io_uring_enter` calls, completions reaped, and
-/// receives that found the provided buffers empty.
-pub const COUNTERS: [&str; 3] = ["enters", "completions", "enobufs"];
+/// Each worker's extra counters in `/stats`: `io_uring_enter` calls, completions reaped,
+/// receives that found the provided buffers empty, and receives cancelled because a connection
+/// had to stop reading (backpressure, or no further request).
+pub const COUNTERS: [&str; 4] = ["enters", "completions", "enobufs", "recv_cancels"];
 const ENTERS: usize = 0;
 const COMPLETIONS: usize = 1;
 const ENOBUFS: usize = 2;
+const RECV_CANCELS: usize = 3;
 
 /// A send copies at most this much of proto's output; the rest goes when it completes.
 const SEND_AT_MOST: usize = 256 * 1024;
@@ -850,6 +852,7 @@ impl Worker {
                 self.ring
                     .push_quiet(opcode::AsyncCancel::new(tag(Op::Recv, token)).build());
                 c.recv = Recv::Cancelling;
+                self.stats.add_extra(RECV_CANCELS, 1);
             }
             _ => {}
         }
