@@ -1,4 +1,4 @@
-//! # uring: completion-based I/O, one io_uring per worker (Seastar, TigerBeetle, glommio)
+//! # uring: completion-based I/O, one io_uring per worker (glommio, monoio, TigerBeetle)
 //!
 //! An epoll server asks the kernel *when* a socket is ready, then makes the read or write
 //! itself: two system calls per keep-alive request (a `read` and a `write`) plus the
@@ -8,7 +8,7 @@
 //! memory shared with the kernel. One `io_uring_enter` per loop turn submits everything the
 //! turn queued (every connection's send) and waits for the next completions, so the system
 //! calls per request fall with the load: the more requests a turn carries, the fewer calls
-//! each pays. Seastar, TigerBeetle, glommio and monoio are built this way.
+//! each pays. glommio, monoio and TigerBeetle are built this way; Seastar has it as a backend.
 //!
 //! ```text
 //!        clients ──TCP──▶ port P (SO_REUSEPORT: the kernel hashes each connection to a socket)
