@@ -299,6 +299,8 @@ struct Connection {
     /// A copy of the output being sent; the kernel reads it until the send completes.
     send: Vec<u8>,
     sending: bool,
+    /// Listed in `Worker::dirty`, to be driven at the end of the turn.
+    touched: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -491,6 +493,9 @@ impl Worker {
     /// One turn: enter the kernel once (submit, wait), handle every completion, then drive
     /// each connection they touched, queueing its send for the next enter.
     fn turn(&mut self, timeout: Duration) -> io::Result<()> {
+        // Connections touched outside a turn (a held reply, a timeout, a close that let a
+        // waiting connection in) queue their operations before the enter too.
+        self.drive_touched();
         self.ring.enter(timeout, self.stats)?;
         self.tick();
         let mut cqes = std::mem::take(&mut self.cqes);
@@ -500,13 +505,18 @@ impl Worker {
             self.complete(cqe.user_data(), cqe.result(), cqe.flags());
         }
         self.cqes = cqes;
-        let mut dirty = std::mem::take(&mut self.dirty);
-        for &token in &dirty {
-            self.drive(token);
-        }
-        dirty.clear();
-        self.dirty = dirty;
+        self.drive_touched();
         Ok(())
+    }
+
+    /// Drives every touched connection once, including those touched meanwhile.
+    fn drive_touched(&mut self) {
+        let mut i = 0;
+        while let Some(&token) = self.dirty.get(i) {
+            self.drive(token);
+            i += 1;
+        }
+        self.dirty.clear();
     }
 
     /// Reads the clocks once per turn; the Date header changes at most once a second.
@@ -530,7 +540,10 @@ impl Worker {
     }
 
     fn touch(&mut self, token: usize) {
-        if !self.dirty.contains(&token) {
+        if let Some(c) = self.conns.get_mut(token)
+            && !c.touched
+        {
+            c.touched = true;
             self.dirty.push(token);
         }
     }
@@ -729,6 +742,7 @@ impl Worker {
             eof: false,
             send: Vec::new(),
             sending: false,
+            touched: false,
         });
         self.open += 1;
         self.stats.connection_opened();
@@ -788,6 +802,7 @@ impl Worker {
         let Some(c) = self.conns.get_mut(token) else {
             return;
         };
+        c.touched = false;
         let Some(fd) = c.fd.as_ref().map(AsRawFd::as_raw_fd) else {
             return;
         };

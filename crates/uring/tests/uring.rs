@@ -132,6 +132,18 @@ fn backpressure_cancels_and_rearms_the_receive() {
     );
 }
 
+/// At --max-conns, a multishot accept still takes the whole accept queue: connections past the
+/// bound wait in the worker, unread, until a connection closes and lets the next one in.
+#[test]
+fn connections_past_the_bound_wait_their_turn() {
+    let server = Server::start(BIN, &["--workers", "1", "--max-conns", "2"]);
+    // The readiness probe has closed: two connections fill the bound, the third waits.
+    let mut rest = blackbox::checks::next_connection_waits_at_the_bound(&server, 2);
+    for c in &mut rest {
+        c.request(GET_HELLO).assert_status(200);
+    }
+}
+
 /// A long poll is held in the ring; a message posted on another connection wakes it through
 /// the app's hub and the ring's eventfd, well before its 10 s wait is up.
 #[test]
