@@ -99,6 +99,17 @@ macro_rules! suite {
             sigterm_during_load,
             sigint_during_load,
             sigterm_grace_for_a_fresh_connection,
+            messages_short_poll,
+            messages_long_poll,
+            messages_long_poll_times_out,
+            messages_reject_bad_input,
+            job_runs_and_is_polled,
+            job_prefer_wait_and_cancel,
+            job_rejects_bad_input,
+            one_post_answers_many_long_polls,
+            held_requests_answered_at_sigterm,
+            journal_survives_a_restart,
+            data_dir_in_use_is_refused,
         );
     };
     ($bin:expr $(,)?) => {
