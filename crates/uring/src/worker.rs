@@ -39,10 +39,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use app::{App, Pending, Reply, Stream, Subscription, WorkerStats};
+use app::{App, Subscription, WorkerStats};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
-use proto::{Conn, ReqId};
+use proto::Conn;
 use runtime::date::ReplyHeaders;
+use runtime::held::{ConnKey, Held, HeldConn};
 use runtime::listener::{AcceptBackoff, is_out_of_resources};
 use runtime::{ServeConfig, Shutdown};
 use slab::Slab;
@@ -301,6 +302,8 @@ struct Connection {
     sending: bool,
     /// Listed in `Worker::dirty`, to be driven at the end of the turn.
     touched: bool,
+    /// Its stream has more to send but the peer is behind: poll it once the output drains.
+    stream_waits: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -326,25 +329,21 @@ enum Accepting {
     No,
 }
 
-/// A request held for the app: a reply that waits, or a stream.
-struct Held {
-    token: usize,
-    generation: u64,
-    id: ReqId,
-    what: Holding,
-}
+impl HeldConn for Connection {
+    fn generation(&self) -> u64 {
+        self.generation
+    }
 
-enum Holding {
-    Pending(Pending),
-    Stream(Stream),
-}
+    fn is_open(&self) -> bool {
+        self.fd.is_some()
+    }
 
-impl Holding {
-    fn deadline(&self) -> Option<Instant> {
-        match self {
-            Holding::Pending(p) => p.deadline(),
-            Holding::Stream(s) => s.deadline(),
-        }
+    fn http(&mut self) -> &mut Conn {
+        &mut self.http
+    }
+
+    fn stream_waits(&mut self) -> &mut bool {
+        &mut self.stream_waits
     }
 }
 
@@ -376,11 +375,8 @@ pub struct Worker {
     open: usize,
     generations: u64,
     /// Requests held for the app, walked when the hub calls and at the earliest deadline.
-    held: Slab<Held>,
-    next_held: Option<Instant>,
+    held: Held,
     _subscription: Subscription,
-    /// Scratch space a stream's poll writes its bytes into.
-    chunk: Vec<u8>,
     headers: ReplyHeaders,
     now: Instant,
     sweep_every: Duration,
@@ -440,10 +436,8 @@ impl Worker {
             signal_buf: Box::new([0; 128]),
             open: 0,
             generations: 0,
-            held: Slab::new(),
-            next_held: None,
+            held: Held::new(setup.stats),
             _subscription: subscription,
-            chunk: Vec::new(),
             now,
             sweep_every,
             next_sweep: now + sweep_every,
@@ -475,7 +469,7 @@ impl Worker {
                 self.set_accepting(Accepting::Yes);
             }
             if self.wakes[self.me].app_moved.swap(false, Ordering::AcqRel)
-                || self.next_held.is_some_and(|at| self.now >= at)
+                || self.held.deadline().is_some_and(|at| self.now >= at)
             {
                 self.poll_held();
             }
@@ -527,7 +521,7 @@ impl Worker {
 
     fn next_deadline(&self) -> Instant {
         let mut next = self.next_sweep;
-        if let Some(held) = self.next_held {
+        if let Some(held) = self.held.deadline() {
             next = next.min(held);
         }
         if let Accepting::Paused { until } = self.accepting {
@@ -639,6 +633,10 @@ impl Worker {
             // The peer is gone (EPIPE, ECONNRESET): nothing more can reach it.
             Err(_) => return self.close(token),
         }
+        if c.stream_waits && c.http.stream_budget() > 0 {
+            c.stream_waits = false;
+            self.held.output_drained(self.now);
+        }
         self.touch(token);
     }
 
@@ -743,6 +741,7 @@ impl Worker {
             send: Vec::new(),
             sending: false,
             touched: false,
+            stream_waits: false,
         });
         self.open += 1;
         self.stats.connection_opened();
@@ -811,8 +810,11 @@ impl Worker {
             self.stats.request();
             let id = req.id;
             let reply = self.app.handle_inline(&req);
-            let held = (&mut self.held, &mut self.next_held, self.stats);
-            file(c, token, held, id, reply);
+            let key = ConnKey {
+                token,
+                generation: c.generation,
+            };
+            self.held.file(&mut c.http, key, id, reply);
         }
         if c.eof && c.http.wants_read() {
             // Where the event loop's read would have returned 0.
@@ -886,61 +888,13 @@ impl Worker {
     /// Polls every held request and stream: what is ready is filed into its connection, and
     /// each connection touched is driven once (one send for all it got).
     fn poll_held(&mut self) {
-        let now = self.now;
         let mut touched = std::mem::take(&mut self.scratch);
-        let mut chunk = std::mem::take(&mut self.chunk);
-        let mut next: Option<Instant> = None;
-        let mut done = Vec::new();
-        for (key, h) in self.held.iter_mut() {
-            let conn = self.conns.get_mut(h.token);
-            // Gone: its connection closed (or failed the request) meanwhile.
-            let Some(c) = conn
-                .filter(|c| c.generation == h.generation && c.fd.is_some() && c.http.owes(h.id))
-            else {
-                done.push(key);
-                continue;
-            };
-            let (answered, ended) = match &mut h.what {
-                Holding::Pending(p) => match p.poll(now) {
-                    Some(reply) => {
-                        c.http.respond(h.id, reply);
-                        (true, true)
-                    }
-                    None => (false, false),
-                },
-                Holding::Stream(s) => {
-                    chunk.clear();
-                    let open = s.poll(now, &mut chunk);
-                    if !chunk.is_empty() {
-                        c.http.push_chunk(h.id, &chunk);
-                    }
-                    if !open {
-                        c.http.end_stream(h.id);
-                    }
-                    (!chunk.is_empty() || !open, !open)
-                }
-            };
-            if answered && !touched.contains(&h.token) {
-                touched.push(h.token);
-            }
-            if ended {
-                done.push(key);
-            } else if let Some(at) = h.what.deadline() {
-                next = Some(next.map_or(at, |n| n.min(at)));
-            }
-        }
-        for key in done {
-            self.held.remove(key);
-            self.stats.release();
-        }
-        self.next_held = next;
+        self.held.poll(self.now, &mut self.conns, &mut touched);
         for &token in &touched {
             self.drive(token);
         }
         touched.clear();
         self.scratch = touched;
-        chunk.clear();
-        self.chunk = chunk;
     }
 
     // ---- timeouts and shutdown -------------------------------------------------------------
@@ -1043,35 +997,6 @@ impl Drop for Worker {
             std::mem::forget(std::mem::replace(&mut self.signal_buf, Box::new([0; 128])));
         }
     }
-}
-
-/// Files a reply into its connection now, or holds it (with the worker's held requests, the
-/// earliest deadline among them, and its counters) until the app has it.
-fn file(
-    c: &mut Connection,
-    token: usize,
-    (held, next_held, stats): (&mut Slab<Held>, &mut Option<Instant>, &WorkerStats),
-    id: ReqId,
-    reply: Reply,
-) {
-    let what = match reply {
-        Reply::Now(r) => return c.http.respond(id, r),
-        Reply::Later(pending) => Holding::Pending(pending),
-        Reply::Stream(head, stream) => {
-            c.http.respond(id, head);
-            Holding::Stream(stream)
-        }
-    };
-    if let Some(at) = what.deadline() {
-        *next_held = Some(next_held.map_or(at, |next| next.min(at)));
-    }
-    stats.hold();
-    held.insert(Held {
-        token,
-        generation: c.generation,
-        id,
-        what,
-    });
 }
 
 /// Copies received bytes into proto's input buffer (it grows as needed).
