@@ -258,7 +258,7 @@ async fn drive(
     _held_until_done: (Stopping, OwnedSemaphorePermit),
 ) {
     let closed = Closed(&service, accepted_on);
-    let (stream, service) = (&mut stream, &*closed.0);
+    let (stream, service): (&mut TcpStream, &Service) = (&mut stream, closed.0);
     let config = &service.config;
     let mut http = Conn::new(config.conn.clone(), std::time::Instant::now());
     let mut last_worker = accepted_on;
