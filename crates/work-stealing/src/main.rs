@@ -330,13 +330,15 @@ async fn drive(
                 if ready.is_err() {
                     return;
                 }
-                match stream.try_read(http.read_buf()) {
+                match read_ready(stream, &mut http) {
                     // The peer is done sending; what it asked for is still answered.
-                    Ok(0) => http.read_eof(),
-                    Ok(n) => http.filled(n, std::time::Instant::now()),
-                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                    Some(Ok(0)) => http.read_eof(),
+                    Some(Ok(n)) => http.filled(n, std::time::Instant::now()),
+                    Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                     // Reset by the peer, or worse: nobody is left to answer.
-                    Err(_) => return,
+                    Some(Err(_)) => return,
+                    // The readiness was stale: wait again.
+                    None => {}
                 }
             }
             // A 408 for a request cut short, an idle close, the end of a linger: proto decides.
@@ -478,6 +480,22 @@ async fn stream_out(mut out: Out<'_>, service: &Service, id: ReqId, mut body: St
     };
     service.app.stats().worker(slot).release();
     ok
+}
+
+/// Reads what the socket has into the connection's buffer, once the socket said it is
+/// readable. Through `poll_read`, not `try_read`: after a short read tokio clears the
+/// readiness (the socket is drained), which spares the next read that would only return
+/// WouldBlock (one read per request, as the event loop does). Polled once, with no waker: if
+/// the readiness was stale, `None`, and the caller waits for readability again.
+fn read_ready(stream: &mut TcpStream, http: &mut Conn) -> Option<io::Result<usize>> {
+    use tokio::io::AsyncRead;
+    let mut buf = tokio::io::ReadBuf::new(http.read_buf());
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::Pin::new(stream).poll_read(&mut cx, &mut buf) {
+        std::task::Poll::Ready(Ok(())) => Some(Ok(buf.filled().len())),
+        std::task::Poll::Ready(Err(e)) => Some(Err(e)),
+        std::task::Poll::Pending => None,
+    }
 }
 
 /// Moves the connection's timer to its next deadline (far away if it has none).
