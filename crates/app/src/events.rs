@@ -29,6 +29,7 @@ pub(crate) struct Events {
 }
 
 impl App {
+    #[inline(never)]
     pub(crate) fn get_events<R: Routable + ?Sized>(&self, req: &R) -> Reply {
         let kind = match req.query_param("type") {
             None => None,

@@ -91,6 +91,7 @@ pub(crate) fn start(app: &App) -> io::Result<()> {
 impl App {
     // ---- the routes ------------------------------------------------------------------------
 
+    #[inline(never)]
     pub(crate) fn post_job<R: Routable + ?Sized>(&self, req: &R) -> Reply {
         let work = match (req.query_param("work_us"), req.query_param("sleep_ms")) {
             (Some(us), None) => match us.parse::<u64>() {
@@ -170,6 +171,7 @@ impl App {
         }
     }
 
+    #[inline(never)]
     pub(crate) fn get_job<R: Routable + ?Sized>(&self, req: &R, id: &str) -> Reply {
         let Ok(id) = id.parse::<u64>() else {
             return unknown(id).into();
@@ -192,6 +194,7 @@ impl App {
         }
     }
 
+    #[inline(never)]
     pub(crate) fn delete_job(&self, id: &str) -> Reply {
         let Ok(id) = id.parse::<u64>() else {
             return unknown(id).into();

@@ -221,6 +221,8 @@ impl App {
 
     // ---- routing ---------------------------------------------------------------------------
 
+    /// Every route but the cheapest is a function of its own, never inlined here: a stackful
+    /// coroutine parked after `GET /` keeps resident every stack page this frame touched.
     pub fn route<R: Routable + ?Sized>(&self, req: &R) -> Route {
         let method = req.method();
         let get = matches!(method, "GET" | "HEAD");
@@ -269,6 +271,7 @@ impl App {
         }
     }
 
+    #[inline(never)]
     fn stats_reply(&self) -> Response {
         let (queued, running) = self.view().job_counts();
         let j = self.inner.journal.stats();
@@ -298,6 +301,7 @@ impl App {
 
     /// `GET /split`: the head leaves in one write, the body in the next (for Nagle's
     /// algorithm: a second small write waits for the first one's ACK unless TCP_NODELAY).
+    #[inline(never)]
     fn split(&self) -> Reply {
         let stream = Stream {
             app: self.clone(),

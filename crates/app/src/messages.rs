@@ -22,6 +22,7 @@ const MAX_LIMIT: usize = 1000;
 pub(crate) const MAX_WAIT: Duration = Duration::from_secs(60);
 
 impl App {
+    #[inline(never)]
     pub(crate) fn post_message<R: Routable + ?Sized>(&self, req: &R) -> Reply {
         let body = req.body();
         if body.len() > MAX_MESSAGE {
@@ -45,6 +46,7 @@ impl App {
         }
     }
 
+    #[inline(never)]
     pub(crate) fn get_messages<R: Routable + ?Sized>(&self, req: &R) -> Reply {
         let after = match req.query_param("after").map(str::parse::<u64>) {
             None => 0,

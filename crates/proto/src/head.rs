@@ -37,6 +37,11 @@ pub(crate) struct Head {
     pub expect_continue: bool,
 }
 
+/// Headers parsed with room on the stack for this many first; a head with more is parsed again
+/// with room for [`MAX_HEADERS`]. Most requests have a handful: this spares initialising 3 KiB
+/// per request, and keeps a coroutine's stack (whose touched pages stay resident) shallow.
+const FEW_HEADERS: usize = 16;
+
 /// Parses the head at the start of `buf` (leading blank lines already skipped).
 /// `Ok(None)`: not complete yet. `Err(status)`: answer with that status and close.
 pub(crate) fn parse(
@@ -44,8 +49,36 @@ pub(crate) fn parse(
     limits: &Limits,
     positions: &mut Vec<HeaderPos>,
 ) -> Result<Option<Head>, u16> {
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut storage);
+    let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
+    match parse_with(buf, limits, positions, &mut few) {
+        Err(TOO_MANY_HEADERS) => parse_many(buf, limits, positions),
+        parsed => parsed,
+    }
+}
+
+#[inline(never)]
+fn parse_many(
+    buf: &[u8],
+    limits: &Limits,
+    positions: &mut Vec<HeaderPos>,
+) -> Result<Option<Head>, u16> {
+    let mut many = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match parse_with(buf, limits, positions, &mut many) {
+        Err(TOO_MANY_HEADERS) => Err(431),
+        parsed => parsed,
+    }
+}
+
+/// Not a status: `storage` had no room for every header.
+const TOO_MANY_HEADERS: u16 = 0;
+
+fn parse_with<'b>(
+    buf: &'b [u8],
+    limits: &Limits,
+    positions: &mut Vec<HeaderPos>,
+    storage: &mut [httparse::Header<'b>],
+) -> Result<Option<Head>, u16> {
+    let mut req = httparse::Request::new(storage);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
@@ -62,7 +95,7 @@ pub(crate) fn parse(
                 Ok(None)
             };
         }
-        Err(httparse::Error::TooManyHeaders) => return Err(431),
+        Err(httparse::Error::TooManyHeaders) => return Err(TOO_MANY_HEADERS),
         Err(httparse::Error::Version) if req.path.is_some_and(|p| p.len() > limits.max_target) => {
             return Err(414);
         }

@@ -651,3 +651,25 @@ fn request_keep_alive_reflects_a_shutdown() {
     let req = conn.next_request().unwrap();
     assert!(!req.keep_alive);
 }
+
+#[test]
+fn many_headers_parse_and_too_many_are_431() {
+    // More than the first parse's room (16), fewer than the limit (100): parsed, every one kept.
+    let mut head = String::from("GET /many HTTP/1.1\r\nHost: a\r\n");
+    for i in 0..40 {
+        head.push_str(&format!("X-{i}: {i}\r\n"));
+    }
+    head.push_str("\r\n");
+    let o = run(head.as_bytes(), proto::Limits::default(), 0, false);
+    assert_eq!(o.seen.len(), 1);
+    assert_eq!(o.seen[0].headers.len(), 41);
+    assert_eq!(o.seen[0].headers[40], ("X-39".to_string(), b"39".to_vec()));
+    // Over the limit.
+    let mut head = String::from("GET /many HTTP/1.1\r\nHost: a\r\n");
+    for i in 0..proto::MAX_HEADERS {
+        head.push_str(&format!("X-{i}: {i}\r\n"));
+    }
+    head.push_str("\r\n");
+    let o = run(head.as_bytes(), proto::Limits::default(), 0, false);
+    assert_eq!(o.statuses(), vec![431]);
+}
