@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,16 @@ const MAX_SLEEP_MS: u64 = 600_000;
 /// The largest job input.
 const MAX_INPUT: usize = 1 << 20;
 
+/// Who runs the jobs a process accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobRole {
+    /// This process runs them on its own job workers (and takes over orphaned jobs).
+    Run,
+    /// They are handed to the process with this pid, which runs `Run` (a process per
+    /// connection hands its jobs to a background worker, as PostgreSQL's backends do).
+    HandTo(u32),
+}
+
 /// This process's job workers and their queue.
 pub(crate) struct Jobs {
     workers: usize,
@@ -39,8 +50,18 @@ pub(crate) struct Jobs {
     lease: Duration,
     /// Identifies this run of the server (the same in every process of a prefork server).
     boot: u64,
-    queue: Mutex<VecDeque<u64>>,
+    role: std::sync::OnceLock<JobRole>,
+    local: Mutex<Local>,
     more: Condvar,
+    /// The journal moved: look for queued jobs handed to this process.
+    adopt: AtomicBool,
+}
+
+/// The jobs this process has taken on: waiting for a worker, or running.
+#[derive(Default)]
+struct Local {
+    queue: VecDeque<u64>,
+    known: std::collections::HashSet<u64>,
 }
 
 impl Jobs {
@@ -50,8 +71,25 @@ impl Jobs {
             max_queued: args.max_queued_jobs,
             lease: args.job_lease,
             boot: random_u64(),
-            queue: Mutex::new(VecDeque::new()),
+            role: std::sync::OnceLock::new(),
+            local: Mutex::new(Local::default()),
             more: Condvar::new(),
+            adopt: AtomicBool::new(false),
+        }
+    }
+
+    fn role(&self) -> JobRole {
+        *self.role.get().unwrap_or(&JobRole::Run)
+    }
+
+    /// The owner the jobs accepted here are recorded with.
+    fn owner_for_new(&self) -> Owner {
+        match self.role() {
+            JobRole::Run => self.me(),
+            JobRole::HandTo(pid) => Owner {
+                boot: self.boot,
+                pid,
+            },
         }
     }
 
@@ -67,14 +105,34 @@ impl Jobs {
         now_ms() + self.lease.as_millis() as u64
     }
 
+    /// Takes on these jobs (each once), for this process's workers.
     fn push(&self, ids: impl IntoIterator<Item = u64>) {
-        lock(&self.queue).extend(ids);
+        let mut local = lock(&self.local);
+        for id in ids {
+            if local.known.insert(id) {
+                local.queue.push_back(id);
+            }
+        }
+        drop(local);
         self.more.notify_all();
     }
 }
 
-/// Starts the job workers and the lease keeper of this process.
-pub(crate) fn start(app: &App) -> io::Result<()> {
+/// Starts the job workers and the lease keeper of this process, if it runs jobs.
+pub(crate) fn start(app: &App, role: JobRole) -> io::Result<()> {
+    let _ = app.inner.jobs.role.set(role);
+    if role != JobRole::Run {
+        return Ok(());
+    }
+    // Jobs another process handed here are found when the journal moves.
+    let adopting = app.clone();
+    let subscription = app.hub().subscribe(move || {
+        let jobs = &adopting.inner.jobs;
+        if !jobs.adopt.swap(true, Ordering::AcqRel) {
+            jobs.more.notify_one();
+        }
+    });
+    std::mem::forget(subscription); // for the process's life
     for i in 0..app.inner.jobs.workers {
         let app = app.clone();
         std::thread::Builder::new()
@@ -118,7 +176,7 @@ impl App {
             Err(r) => return r.into(),
         };
         let jobs = &self.inner.jobs;
-        if lock(&jobs.queue).len() >= jobs.max_queued {
+        if lock(&jobs.local).queue.len() >= jobs.max_queued {
             return problem(
                 503,
                 format!(
@@ -142,7 +200,7 @@ impl App {
                 started_ms: None,
                 finished_ms: None,
                 result: None,
-                owner: jobs.me(),
+                owner: jobs.owner_for_new(),
                 lease_until_ms: jobs.lease_until(),
                 attempts: 0,
             };
@@ -153,7 +211,9 @@ impl App {
             Ok(created) => created,
             Err(e) => return problem(500, format!("appending to the journal: {e}")).into(),
         };
-        jobs.push([job.id]);
+        if jobs.role() == JobRole::Run {
+            jobs.push([job.id]);
+        }
         match prefer_wait {
             Some(wait) => {
                 self.inner.commit.want(seq);
@@ -255,18 +315,43 @@ impl App {
     fn run_jobs(&self) {
         let jobs = &self.inner.jobs;
         loop {
+            if jobs.adopt.swap(false, Ordering::AcqRel) {
+                self.adopt_handed_jobs();
+            }
             let id = {
-                let mut queue = lock(&jobs.queue);
+                let mut local = lock(&jobs.local);
                 loop {
-                    if let Some(id) = queue.pop_front() {
-                        break id;
+                    if let Some(id) = local.queue.pop_front() {
+                        break Some(id);
                     }
-                    queue = jobs.more.wait(queue).unwrap_or_else(|e| e.into_inner());
+                    if jobs.adopt.load(Ordering::Acquire) {
+                        break None;
+                    }
+                    local = jobs.more.wait(local).unwrap_or_else(|e| e.into_inner());
                 }
             };
+            let Some(id) = id else { continue };
             if let Err(e) = self.run_job(id) {
                 eprintln!("{}: job {id}: {e}", self.inner.pattern);
             }
+            lock(&jobs.local).known.remove(&id);
+        }
+    }
+
+    /// Queued jobs recorded with this process as owner that it has not taken on yet: handed
+    /// here by another process.
+    fn adopt_handed_jobs(&self) {
+        let me = self.inner.jobs.me();
+        let handed: Vec<u64> = {
+            let view = self.view();
+            let known = &lock(&self.inner.jobs.local).known;
+            view.queued()
+                .filter(|j| j.owner == me && !known.contains(&j.id))
+                .map(|j| j.id)
+                .collect()
+        };
+        if !handed.is_empty() {
+            self.inner.jobs.push(handed);
         }
     }
 

@@ -47,6 +47,7 @@ use proto::{Request, Response};
 
 pub use args::{AppArgs, Commit};
 pub use hub::{Hub, Subscription};
+pub use jobs::JobRole;
 pub use reply::{Pending, Reply, Stream};
 pub use stats::{EXTRA_COUNTERS, Stats, WorkerStats};
 pub use task::{MAX_BLOCK_MS, MAX_WORK_US, Task};
@@ -55,6 +56,10 @@ pub use view::{Event, EventKind};
 use problem::problem;
 use reply::{StreamKind, Wait};
 use view::View;
+
+/// `GET /dashboard`: one self-contained page (no external file: it works offline) that watches
+/// `/stats/stream` and `/events`.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 const KNOWN_METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
@@ -164,12 +169,18 @@ impl App {
     /// append, by any process, and notifies the hub), the committer, and the job workers.
     /// Call it once per process, after any fork.
     pub fn start(&self) -> io::Result<()> {
+        self.start_with(JobRole::Run)
+    }
+
+    /// [`App::start`], with the jobs this process accepts run as `role` says (a process per
+    /// connection hands them to a background process, which runs [`JobRole::Run`]).
+    pub fn start_with(&self, role: JobRole) -> io::Result<()> {
         let watcher = self.clone();
         std::thread::Builder::new()
             .name("journal-watch".into())
             .spawn(move || watcher.watch_journal())?;
         commit::start(self)?;
-        jobs::start(self)
+        jobs::start(self, role)
     }
 
     /// Shutdown: every held request answers with what it has now, and streams end.
@@ -238,6 +249,12 @@ impl App {
                 Err(r) => r.into(),
             },
             ("/stats", true) => self.stats_reply().into(),
+            ("/stats/stream", true) => self.stats_stream(req),
+            ("/dashboard", true) => Response {
+                content_type: "text/html; charset=utf-8".into(),
+                ..Response::text(200, DASHBOARD)
+            }
+            .into(),
             ("/split", true) => self.split(),
             ("/echo", _) if method == "POST" => echo(req).into(),
             ("/jobs", _) if method == "POST" => self.post_job(req),
@@ -249,9 +266,11 @@ impl App {
                 "DELETE" => self.delete_job(&p["/jobs/".len()..]),
                 _ => not_allowed("GET, HEAD, DELETE").into(),
             },
-            ("/" | "/work" | "/block" | "/stats" | "/split" | "/events", false) => {
-                not_allowed("GET, HEAD").into()
-            }
+            (
+                "/" | "/work" | "/block" | "/stats" | "/split" | "/events" | "/stats/stream"
+                | "/dashboard",
+                false,
+            ) => not_allowed("GET, HEAD").into(),
             ("/echo" | "/jobs", _) => not_allowed("POST").into(),
             ("/messages", _) => not_allowed("GET, HEAD, POST").into(),
             _ if !KNOWN_METHODS.contains(&method) => {
@@ -273,6 +292,34 @@ impl App {
 
     #[inline(never)]
     fn stats_reply(&self) -> Response {
+        Response::owned(200, "application/json", self.stats_json().into_bytes())
+    }
+
+    /// `GET /stats/stream[?interval=1s]`: `/stats` as Server-Sent Events, one `event: stats`
+    /// every interval (100 ms to 60 s), for the dashboard.
+    #[inline(never)]
+    fn stats_stream<R: Routable + ?Sized>(&self, req: &R) -> Reply {
+        let interval = match req.query_param("interval").map(flags::duration) {
+            None => std::time::Duration::from_secs(1),
+            Some(Ok(d)) if (100..=60_000).contains(&d.as_millis()) => d,
+            Some(_) => {
+                return problem(400, "interval: expected a duration from 100ms to 60s").into();
+            }
+        };
+        let head = Response::stream(200, "text/event-stream")
+            .with_header("Cache-Control", "no-store")
+            .with_header("X-Accel-Buffering", "no");
+        let stream = Stream {
+            app: self.clone(),
+            kind: StreamKind::Stats { interval },
+            next: Some(Instant::now()),
+        };
+        Reply::Stream(head, stream)
+    }
+
+    /// The `/stats` document: every worker's counters (of every process), the hub, the jobs
+    /// and the journal.
+    pub fn stats_json(&self) -> String {
         let (queued, running) = self.view().job_counts();
         let j = self.inner.journal.stats();
         let more = format!(
@@ -292,11 +339,7 @@ impl App {
             j.segments_rolled,
             j.segments_deleted
         );
-        Response::owned(
-            200,
-            "application/json",
-            self.inner.stats.to_json(&more).into_bytes(),
-        )
+        self.inner.stats.to_json(&more)
     }
 
     /// `GET /split`: the head leaves in one write, the body in the next (for Nagle's

@@ -71,6 +71,8 @@ pub(crate) enum StreamKind {
     Split { body: Option<&'static [u8]> },
     /// `GET /events`: the journal, as Server-Sent Events.
     Events(crate::events::Events),
+    /// `GET /stats/stream`: `/stats` as an event every `interval`.
+    Stats { interval: std::time::Duration },
 }
 
 impl Stream {
@@ -90,6 +92,18 @@ impl Stream {
             StreamKind::Events(ev) => {
                 let app = self.app.clone();
                 app.poll_events(ev, &mut self.next, now, out, budget)
+            }
+            StreamKind::Stats { interval } => {
+                if self.app.is_stopping() {
+                    return false;
+                }
+                if self.next.is_none_or(|due| now >= due) {
+                    out.extend_from_slice(b"event: stats\ndata: ");
+                    out.extend_from_slice(self.app.stats_json().trim_end().as_bytes());
+                    out.extend_from_slice(b"\n\n");
+                    self.next = Some(now + *interval);
+                }
+                true
             }
         }
     }

@@ -67,6 +67,8 @@ pub(crate) struct View {
     cancels: HashMap<u64, Arc<AtomicBool>>,
     /// The journal's first retained seq when last looked at.
     first: u64,
+    /// The ids of the queued jobs.
+    queued: std::collections::BTreeSet<u64>,
 }
 
 pub(crate) struct JobEntry {
@@ -126,6 +128,11 @@ impl View {
                     }
                     let json = job.public().to_string();
                     self.push_event(Event::new(seq, EventKind::Job, json));
+                    if job.status == Status::Queued {
+                        self.queued.insert(job.id);
+                    } else {
+                        self.queued.remove(&job.id);
+                    }
                     self.jobs.insert(job.id, JobEntry { job, seq });
                 }
                 Err(e) => unreadable(seq, kind, &e),
@@ -199,6 +206,13 @@ impl View {
 
     pub fn unwatch_cancel(&mut self, id: u64) {
         self.cancels.remove(&id);
+    }
+
+    /// The queued jobs, in every process.
+    pub fn queued(&self) -> impl Iterator<Item = &Job> {
+        self.queued
+            .iter()
+            .filter_map(|id| self.jobs.get(id).map(|e| &e.job))
     }
 
     /// Jobs queued and running, in every process.

@@ -119,6 +119,7 @@ macro_rules! suite {
             sse_long_replay_is_paced_not_cut_off,
             sse_keep_alive_comment,
             sse_ends_cleanly_at_sigterm,
+            stats_stream_every_interval,
         );
     };
     ($bin:expr $(,)?) => {

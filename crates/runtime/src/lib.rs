@@ -13,7 +13,8 @@ pub mod shutdown;
 pub mod threads;
 
 pub use app::{
-    App, AppArgs, Pending, ROUTED_HEADERS, Reply, Routable, Route, Stats, Stream, Task, WorkerStats,
+    App, AppArgs, JobRole, Pending, ROUTED_HEADERS, Reply, Routable, Route, Stats, Stream, Task,
+    WorkerStats,
 };
 pub use cli::ServerArgs;
 pub use config::ServeConfig;

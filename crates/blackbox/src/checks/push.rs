@@ -291,3 +291,30 @@ pub fn sse_ends_cleanly_at_sigterm(bin: &str, args: &[&str]) {
         status.map_or("still running".into(), describe_exit)
     );
 }
+
+/// `GET /stats/stream?interval=200ms`: `/stats` as Server-Sent Events, one `event: stats`
+/// every interval (what the dashboard watches).
+pub fn stats_stream_every_interval(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    let mut s = Subscriber::connect(server.addr(), "/stats/stream?interval=200ms", "");
+    assert_eq!(s.status, 200, "{}", s.head);
+    let started = Instant::now();
+    for i in 0..3 {
+        let e = s
+            .next_event(DELIVERY)
+            .unwrap_or_else(|end| panic!("stats event {i}: {end:?}"));
+        assert_eq!(e.event.as_deref(), Some("stats"), "{e:?}");
+        let v = json::parse(&e.data).unwrap_or_else(|err| panic!("{err}: {e:?}"));
+        assert!(
+            v.get("pattern").is_some() && v.get("workers").and_then(Value::as_array).is_some(),
+            "{e:?}"
+        );
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(350),
+        "three events at 200 ms intervals took {:?}",
+        started.elapsed()
+    );
+    let bad = Subscriber::connect(server.addr(), "/stats/stream?interval=1ms", "");
+    assert_eq!(bad.status, 400, "{}", bad.head);
+}
