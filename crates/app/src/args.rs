@@ -42,6 +42,14 @@ pub struct AppArgs {
     #[arg(long, default_value = "15s", value_parser = duration)]
     pub sse_keep_alive: Duration,
 
+    /// POST /jobs and POST /messages without an Idempotency-Key get 400.
+    #[arg(long)]
+    pub require_idempotency_key: bool,
+
+    /// An Idempotency-Key is remembered this long after its first use.
+    #[arg(long, default_value = "24h", value_parser = duration)]
+    pub idempotency_ttl: Duration,
+
     /// A job whose process stops renewing its lease this long is taken over by another
     /// process (or by the restarted server): jobs run at least once.
     #[arg(long, default_value = "30s", value_parser = duration)]

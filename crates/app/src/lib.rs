@@ -28,6 +28,7 @@ mod args;
 mod commit;
 mod events;
 mod hub;
+mod idempotency;
 mod jobs;
 mod messages;
 mod problem;
@@ -67,7 +68,7 @@ const KNOWN_METHODS: [&str; 9] = [
 
 /// Every request header routing reads: a copy of a request made to cross to another thread
 /// needs only these.
-pub const ROUTED_HEADERS: &[&str] = &["content-type", "prefer", "last-event-id"];
+pub const ROUTED_HEADERS: &[&str] = &["content-type", "prefer", "last-event-id", "idempotency-key"];
 
 /// What routing decided.
 pub enum Route {
@@ -84,6 +85,8 @@ pub trait Routable {
     fn method(&self) -> &str;
     /// The path, without the query.
     fn path(&self) -> &str;
+    /// The query (after `?`), if any.
+    fn query(&self) -> Option<&str>;
     /// The value of query parameter `name`, undecoded.
     fn query_param(&self, name: &str) -> Option<&str>;
     /// The first header named `name` (case-insensitive).
@@ -97,6 +100,9 @@ impl Routable for Request<'_> {
     }
     fn path(&self) -> &str {
         Request::path(self)
+    }
+    fn query(&self) -> Option<&str> {
+        Request::query(self)
     }
     fn query_param(&self, name: &str) -> Option<&str> {
         Request::query_param(self, name)
@@ -126,6 +132,9 @@ struct Inner {
     stopping: AtomicBool,
     /// `--sse-keep-alive`: a silent event stream sends a comment this often.
     sse_keep_alive: std::time::Duration,
+    /// `--require-idempotency-key`, `--idempotency-ttl`.
+    require_key: bool,
+    key_ttl: std::time::Duration,
 }
 
 impl App {
@@ -161,6 +170,8 @@ impl App {
                 hub: Hub::default(),
                 stopping: AtomicBool::new(false),
                 sse_keep_alive: args.sse_keep_alive,
+                require_key: args.require_idempotency_key,
+                key_ttl: args.idempotency_ttl,
             }),
         })
     }
@@ -356,12 +367,19 @@ impl App {
         Reply::Stream(Response::stream(200, "text/plain"), stream)
     }
 
-    /// Appends a record in `tx`. When it opened a new segment, the live state (unfinished
-    /// jobs) is appended again after it, so that retention can delete old segments safely.
+    /// This process, as the owner of what it takes on (jobs, first requests of keys).
+    fn owner(&self) -> records::Owner {
+        self.inner.jobs.me()
+    }
+
+    /// Appends a record in `tx`. When it opened a new segment, the live state (unfinished jobs,
+    /// unexpired idempotency keys) is appended again after it, so that retention can delete old
+    /// segments safely.
     fn append(&self, tx: &mut journal::Tx<'_>, kind: u8, payload: &[u8]) -> io::Result<u64> {
         let appended = tx.append(kind, payload)?;
         if appended.rolled {
             self.carry_jobs_forward(tx)?;
+            self.carry_keys_forward(tx)?;
         }
         Ok(appended.seq)
     }
@@ -405,7 +423,14 @@ impl App {
                 id,
                 durable,
                 accepted,
-            } => self.poll_job(*id, *durable, *accepted, expired),
+                key,
+            } => {
+                let reply = self.poll_job(*id, *durable, *accepted, expired)?;
+                if let Some(key) = key.take() {
+                    self.record_final(key, &reply);
+                }
+                Some(reply)
+            }
         }
     }
 }

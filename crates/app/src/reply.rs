@@ -38,12 +38,28 @@ pub(crate) enum Wait {
     /// A long poll of /messages.
     Messages { after: u64, limit: usize },
     /// A job's final state: a long poll of /jobs/ID, or `Prefer: wait` on POST /jobs. Until
-    /// the job finishes, nothing is sent before `durable` is on disk.
+    /// the job finishes, nothing is sent before `durable` is on disk. With the request's
+    /// Idempotency-Key, whose final reply is recorded when it is sent.
     Job {
         id: u64,
         durable: u64,
         accepted: bool,
+        key: Option<crate::records::Key>,
     },
+}
+
+impl Drop for Pending {
+    /// A `Prefer: wait` whose client went away before the reply: its key still gets a final
+    /// reply (the 202 its job's creation implies), or retries would get 409 for as long as
+    /// this process lives.
+    fn drop(&mut self) {
+        if let Wait::Job { id, key, .. } = &mut self.wait
+            && let Some(key) = key.take()
+            && let Some(reply) = self.app.accepted_now(*id)
+        {
+            self.app.record_final(key, &reply);
+        }
+    }
 }
 
 impl Pending {

@@ -11,8 +11,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 mod app;
+mod idempotency;
 mod push;
 pub use app::*;
+pub use idempotency::*;
 pub use push::*;
 
 use crate::client::{Client, DEFAULT_TIMEOUT, Expect, ReadError, Response, preview};

@@ -120,6 +120,11 @@ macro_rules! suite {
             sse_keep_alive_comment,
             sse_ends_cleanly_at_sigterm,
             stats_stream_every_interval,
+            idempotency_replays_the_first_reply,
+            idempotency_different_request_is_422,
+            idempotency_in_flight_is_409,
+            idempotency_bad_or_missing_key_is_400,
+            idempotency_survives_a_restart,
         );
     };
     ($bin:expr $(,)?) => {

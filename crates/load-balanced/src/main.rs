@@ -346,6 +346,8 @@ struct OwnedRequest {
     text: String,
     method_end: usize,
     path_end: usize,
+    /// The target had a `?` (an empty query is still a query: it changes the fingerprint).
+    has_query: bool,
     /// (index in ROUTED_HEADERS, value)
     headers: Vec<(usize, Box<[u8]>)>,
     body: Vec<u8>,
@@ -362,6 +364,7 @@ impl OwnedRequest {
             text,
             method_end: method.len(),
             path_end: method.len() + path.len(),
+            has_query: req.query().is_some(),
             headers: runtime::ROUTED_HEADERS
                 .iter()
                 .enumerate()
@@ -378,6 +381,9 @@ impl Routable for OwnedRequest {
     }
     fn path(&self) -> &str {
         &self.text[self.method_end..self.path_end]
+    }
+    fn query(&self) -> Option<&str> {
+        self.has_query.then(|| &self.text[self.path_end..])
     }
     /// As `proto::Request::query_param` (no query and an empty one answer alike).
     fn query_param(&self, name: &str) -> Option<&str> {
