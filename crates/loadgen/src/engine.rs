@@ -1055,7 +1055,7 @@ impl<'a> Worker<'a> {
 }
 
 /// A non-blocking connect; the result arrives as a writable (or error) event.
-fn connect(addr: SocketAddr, rcvbuf: Option<usize>) -> io::Result<TcpStream> {
+pub(crate) fn connect(addr: SocketAddr, rcvbuf: Option<usize>) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
@@ -1072,7 +1072,7 @@ fn connect(addr: SocketAddr, rcvbuf: Option<usize>) -> io::Result<TcpStream> {
 }
 
 /// Whether a non-blocking connect finished: `Ok(false)` while in progress.
-fn connected(s: &TcpStream) -> io::Result<bool> {
+pub(crate) fn connected(s: &TcpStream) -> io::Result<bool> {
     if let Some(e) = s.take_error()? {
         return Err(e);
     }
@@ -1083,7 +1083,7 @@ fn connected(s: &TcpStream) -> io::Result<bool> {
     }
 }
 
-fn is_out_of_files(e: &io::Error) -> bool {
+pub(crate) fn is_out_of_files(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
@@ -1136,7 +1136,7 @@ impl Timer {
 }
 
 /// This process's CPU time so far (user + system, all threads).
-fn cpu_time() -> Duration {
+pub(crate) fn cpu_time() -> Duration {
     // SAFETY: getrusage fills the zeroed struct we own.
     let usage = unsafe {
         let mut u: libc::rusage = std::mem::zeroed();
@@ -1148,7 +1148,7 @@ fn cpu_time() -> Duration {
 }
 
 /// Many idle connections need many descriptors: lift the soft limit to the hard one.
-fn raise_nofile_limit() {
+pub(crate) fn raise_nofile_limit() {
     // SAFETY: getrlimit/setrlimit on a struct we own.
     unsafe {
         let mut lim: libc::rlimit = std::mem::zeroed();
