@@ -31,9 +31,14 @@
 # (/proc/PID/smaps_rollup) summed over the server's process tree, so a prefork's shared pages
 # count once; threads are summed likewise; "held" is the connections the server has accepted
 # (socket descriptors in its processes, less those it had idle, loadgen's one publishing
-# connection included). Each is the peak of the samples; per client is (PSS held - PSS idle) /
-# held. Delivery latency is from the POST's send to a client's receipt; "last" is per message,
-# until the last client had it.
+# connection included); "kernel stacks" is the growth of the machine's KernelStack
+# (/proc/meminfo: 16 KiB per thread, in no process's PSS). Each is the peak of the samples;
+# per client is (PSS held - PSS idle) / held (left out under 100 held: noise). Delivery
+# latency is from the POST's send to a client's receipt; "last" is per message, until the
+# last client had it. loadgen runs on one thread, and its own time to read each reply is in
+# those latencies (docs/benchmarks.md). Server CPU per message: the CPU of its process tree
+# (cpu_ticks, lib.sh) from the last sample before publishing began to the last sample, over
+# the messages published: the fan-out, and for long polls each client's next poll.
 #
 # Writes DIR/table.md (the table, with the command and the machine) and DIR/runs/NAME.json
 # (loadgen's JSON and the samples). Everything it starts is stopped on exit, including on
@@ -166,6 +171,10 @@ hold() {
     fi
     url="http://$SERVER_ADDR$path"
     log "== $name: $binary --workers $WORKERS ${SERVER_ARGS[*]}; loadgen $flag $CLIENTS --rate $RATE -d ${DURATION}s"
+    # The server's CPU (ticks) against the time since loadgen started (ms), for its CPU per
+    # message: from the last sample before publishing began to the last one.
+    local t0=${EPOCHREALTIME/./} cpu
+    cpu=("[0,$(cpu_ticks "$pid")]")
     "$BIN_DIR/loadgen" "$flag" "$CLIENTS" -t 1 --rate "$RATE" -d "${DURATION}s" \
         --timeout "${TIMEOUT}s" --json "$url" >"$json" 2>"$dir/loadgen.err" &
     lg=$!
@@ -182,6 +191,7 @@ hold() {
         if alive "$pid"; then
             read -ra s <<<"$(tree_sample "$pid")"
             for i in 0 1 2 3; do ((s[i] > peak[i])) && peak[i]=${s[i]}; done
+            cpu+=("[$(((${EPOCHREALTIME/./} - t0) / 1000)),$(cpu_ticks "$pid")]")
         fi
         sleep 0.25
     done
@@ -201,9 +211,11 @@ hold() {
         return
     fi
     read -ra s <<<"$idle"
-    printf '{"name":"%s","server":"%s","idle":{"pss_kib":%s,"threads":%s,"sockets":%s,"kernel_stack_kib":%s},"peak":{"pss_kib":%s,"threads":%s,"sockets":%s,"kernel_stack_kib":%s},"loadgen":%s}\n' \
+    local samples
+    samples=$(IFS=,; echo "${cpu[*]}")
+    printf '{"name":"%s","server":"%s","idle":{"pss_kib":%s,"threads":%s,"sockets":%s,"kernel_stack_kib":%s},"peak":{"pss_kib":%s,"threads":%s,"sockets":%s,"kernel_stack_kib":%s},"hz":%s,"cpu_ms_ticks":[%s],"loadgen":%s}\n' \
         "$name" "$binary --workers $WORKERS ${SERVER_ARGS[*]}" "${s[0]}" "${s[1]}" "${s[2]}" "${s[3]}" \
-        "${peak[0]}" "${peak[1]}" "${peak[2]}" "${peak[3]}" "$(cat "$json")" >"$OUT/runs/$name.json"
+        "${peak[0]}" "${peak[1]}" "${peak[2]}" "${peak[3]}" "$HZ" "$samples" "$(cat "$json")" >"$OUT/runs/$name.json"
     ROWS+=("$name|ok|$OUT/runs/$name.json")
     python3 - "$OUT/runs/$name.json" <<'EOF' >&2
 import json, sys
@@ -228,18 +240,29 @@ def ms(us):
 def n(x):
     return f"{x:,}"
 
+def cpu_per_message(r):
+    """Server CPU ms per published message, while publishing and delivering."""
+    g, samples = r["loadgen"], r["cpu_ms_ticks"]
+    start = g["setup_s"] * 1000
+    before = [s for s in samples if s[0] <= start]
+    if not before or g["messages"]["published"] == 0:
+        return "–"
+    ticks = samples[-1][1] - before[-1][1]
+    return f"{ticks / r['hz'] * 1000 / g['messages']['published']:.1f}"
+
 print("| pattern | held | PSS idle → held (MiB) | per client (KiB) | threads | kernel stacks + (MiB)"
-      " | delivery p50 / p99 / max (ms) | last client p50 / max (ms) | errors |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+      " | server CPU per message (ms) | delivery p50 / p99 / max (ms) | last client p50 / max (ms) | errors |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 for line in open(sys.argv[1]):
     name, status, rest = line.rstrip("\n").split("|", 2)
     if status != "ok":
-        print(f"| {name} | – | – | – | – | – | – | – | {status}: {rest} |")
+        print(f"| {name} | – | – | – | – | – | – | – | – | {status}: {rest} |")
         continue
     r = json.load(open(rest))
     g, idle, peak = r["loadgen"], r["idle"], r["peak"]
     held = peak["sockets"] - idle["sockets"]
-    per = (peak["pss_kib"] - idle["pss_kib"]) / held if held > 0 else 0
+    # Over a handful of clients the difference is noise (a page here or there).
+    per = f"{(peak['pss_kib'] - idle['pss_kib']) / held:.1f}" if held >= 100 else "–"
     kstack = (peak["kernel_stack_kib"] - idle["kernel_stack_kib"]) / 1024
     errs = []
     if g["subscribed"] < g["subscribers"]:
@@ -256,6 +279,9 @@ for line in open(sys.argv[1]):
     fails = ", ".join(f"{k} {n(v)}" for k, v in g["failures"].items() if v)
     if fails:
         errs.append(f"client failures: {fails}")
+    codes = ", ".join(f"{c}: {n(v)}" for c, v in g["status"].items() if c != "200")
+    if codes:
+        errs.append(f"replies {codes}")
     lat, last = g["latency_us"], g["last_delivery_us"]
     if g["deliveries"] > 0:
         times = (f"{ms(lat['p50'])} / {ms(lat['p99'])} / {ms(lat['max'])}"
@@ -263,7 +289,8 @@ for line in open(sys.argv[1]):
     else:
         times = "– | –"
     print(f"| {name} | {n(held)} | {idle['pss_kib'] / 1024:.1f} → {peak['pss_kib'] / 1024:.1f}"
-          f" | {per:.1f} | {n(peak['threads'])} | {kstack:.1f} | {times} | {'; '.join(errs) or '0'} |")
+          f" | {per} | {n(peak['threads'])} | {kstack:.1f} | {cpu_per_message(r)} | {times}"
+          f" | {'; '.join(errs) or '0'} |")
 EOF
 }
 
