@@ -81,6 +81,7 @@ impl Params {
                 max_target: 1 + usize::from(p[1]) * 2,
                 max_body: usize::from(p[2]) * 16,
                 max_pipeline: 1 + usize::from(p[3] & 7),
+                ..Limits::default()
             }
         };
         let end = match (p[3] >> 3) & 3 {

@@ -37,6 +37,11 @@ pub struct AppArgs {
     #[arg(long, default_value_t = 1000, value_parser = positive)]
     pub max_queued_jobs: usize,
 
+    /// A Server-Sent Events stream with nothing to say for this long sends a comment, so that
+    /// proxies keep it open.
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    pub sse_keep_alive: Duration,
+
     /// A job whose process stops renewing its lease this long is taken over by another
     /// process (or by the restarted server): jobs run at least once.
     #[arg(long, default_value = "30s", value_parser = duration)]

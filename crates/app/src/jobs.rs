@@ -323,7 +323,7 @@ impl App {
         Ok(())
     }
 
-    fn read_input(&self, seq: u64) -> io::Result<Vec<u8>> {
+    pub(crate) fn read_input(&self, seq: u64) -> io::Result<Vec<u8>> {
         let mut input = None;
         self.journal()
             .read_after(seq - 1, 1, |r| {

@@ -17,6 +17,8 @@
 //! | `DELETE /jobs/ID`               | cancels a queued or running job                         |
 //! | `POST /messages`                | 201 `{"seq": N}`: a chat message, appended to the log   |
 //! | `GET /messages?after=N[&wait=]` | the messages after N: short poll, or long poll          |
+//! | `GET /events[?type=message]`    | Server-Sent Events: every record from now (or after     |
+//! |                                 | `Last-Event-ID`), as it is appended                     |
 //!
 //! Every job and message is a record in one [`journal`] that all the server's threads and
 //! processes share; each process keeps a view of it (jobs' states, recent events) that catches
@@ -24,6 +26,7 @@
 
 mod args;
 mod commit;
+mod events;
 mod hub;
 mod jobs;
 mod messages;
@@ -59,7 +62,7 @@ const KNOWN_METHODS: [&str; 9] = [
 
 /// Every request header routing reads: a copy of a request made to cross to another thread
 /// needs only these.
-pub const ROUTED_HEADERS: &[&str] = &["content-type", "prefer"];
+pub const ROUTED_HEADERS: &[&str] = &["content-type", "prefer", "last-event-id"];
 
 /// What routing decided.
 pub enum Route {
@@ -116,6 +119,8 @@ struct Inner {
     commit: commit::Committer,
     jobs: jobs::Jobs,
     stopping: AtomicBool,
+    /// `--sse-keep-alive`: a silent event stream sends a comment this often.
+    sse_keep_alive: std::time::Duration,
 }
 
 impl App {
@@ -150,6 +155,7 @@ impl App {
                 journal,
                 hub: Hub::default(),
                 stopping: AtomicBool::new(false),
+                sse_keep_alive: args.sse_keep_alive,
             }),
         })
     }
@@ -234,13 +240,14 @@ impl App {
             ("/echo", _) if method == "POST" => echo(req).into(),
             ("/jobs", _) if method == "POST" => self.post_job(req),
             ("/messages", true) => self.get_messages(req),
+            ("/events", true) => self.get_events(req),
             ("/messages", _) if method == "POST" => self.post_message(req),
             (p, _) if p.starts_with("/jobs/") => match method {
                 "GET" | "HEAD" => self.get_job(req, &p["/jobs/".len()..]),
                 "DELETE" => self.delete_job(&p["/jobs/".len()..]),
                 _ => not_allowed("GET, HEAD, DELETE").into(),
             },
-            ("/" | "/work" | "/block" | "/stats" | "/split", false) => {
+            ("/" | "/work" | "/block" | "/stats" | "/split" | "/events", false) => {
                 not_allowed("GET, HEAD").into()
             }
             ("/echo" | "/jobs", _) => not_allowed("POST").into(),

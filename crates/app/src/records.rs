@@ -72,12 +72,15 @@ pub struct Job {
 }
 
 impl Job {
-    /// What clients see: the job, not its bookkeeping.
+    /// What clients see: the job, and which process holds it (the pattern's lesson: a prefork
+    /// worker that dies hands its jobs to another), not the lease bookkeeping.
     pub fn public(&self) -> serde_json::Value {
         let mut v = serde_json::json!({
             "id": self.id.to_string(),
             "status": self.status,
             "created_ms": self.created_ms,
+            "pid": self.owner.pid,
+            "attempts": self.attempts,
         });
         let o = v.as_object_mut().expect("an object");
         if let Some(t) = self.started_ms {

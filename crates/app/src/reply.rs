@@ -69,12 +69,16 @@ pub struct Stream {
 pub(crate) enum StreamKind {
     /// `GET /split`: the head in one write, the body in the next.
     Split { body: Option<&'static [u8]> },
+    /// `GET /events`: the journal, as Server-Sent Events.
+    Events(crate::events::Events),
 }
 
 impl Stream {
-    /// Appends to `out` what is due at `now`. Returns whether the stream goes on; when it does
-    /// not, the driver ends the reply (and a stream always ends when the server stops).
-    pub fn poll(&mut self, now: Instant, out: &mut Vec<u8>) -> bool {
+    /// Appends to `out` what is due at `now`, about `budget` bytes at most (at least one whole
+    /// event; see `proto::Conn::stream_budget`). Returns whether the stream goes on; when it
+    /// does not, the driver ends the reply (and a stream always ends when the server stops).
+    /// If it stopped at the budget, its deadline is `now`: poll again once the output drains.
+    pub fn poll(&mut self, now: Instant, out: &mut Vec<u8>, budget: usize) -> bool {
         match &mut self.kind {
             StreamKind::Split { body } => {
                 if self.next.is_some_and(|due| now < due) && !self.app.is_stopping() {
@@ -82,6 +86,10 @@ impl Stream {
                 }
                 out.extend_from_slice(body.take().unwrap_or_default());
                 false
+            }
+            StreamKind::Events(ev) => {
+                let app = self.app.clone();
+                app.poll_events(ev, &mut self.next, now, out, budget)
             }
         }
     }

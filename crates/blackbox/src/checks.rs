@@ -10,6 +10,11 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
+mod app;
+mod push;
+pub use app::*;
+pub use push::*;
+
 use crate::client::{Client, DEFAULT_TIMEOUT, Expect, ReadError, Response, preview};
 use crate::json::{self, Value};
 use crate::server::{Server, describe_exit};
@@ -22,7 +27,7 @@ pub const GET_HELLO: &[u8] = b"GET / HTTP/1.1\r\nHost: blackbox\r\n\r\n";
 
 /// How long a server may take to close a connection it said it would close (it may linger
 /// reading what the client still sends).
-const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+pub(crate) const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 
 /// An HTTP/1.1 GET of `path`.
 pub fn get(path: &str) -> String {
@@ -41,7 +46,7 @@ pub fn post_echo(body: &[u8]) -> Vec<u8> {
 }
 
 /// `args` followed by `extra`.
-fn with<'a>(args: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+pub(crate) fn with<'a>(args: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
     args.iter().chain(extra).copied().collect()
 }
 

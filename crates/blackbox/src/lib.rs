@@ -32,6 +32,7 @@ pub mod checks;
 pub mod client;
 pub mod json;
 pub mod server;
+pub mod sse;
 
 pub use client::{Client, Expect, ReadError, Response};
 pub use server::Server;
@@ -99,6 +100,25 @@ macro_rules! suite {
             sigterm_during_load,
             sigint_during_load,
             sigterm_grace_for_a_fresh_connection,
+            messages_short_poll,
+            messages_long_poll,
+            messages_long_poll_times_out,
+            messages_reject_bad_input,
+            job_runs_and_is_polled,
+            job_prefer_wait_and_cancel,
+            job_rejects_bad_input,
+            one_post_answers_many_long_polls,
+            held_requests_answered_at_sigterm,
+            journal_survives_a_restart,
+            data_dir_in_use_is_refused,
+            sse_streams_new_messages,
+            sse_resumes_after_last_event_id,
+            sse_filters_by_type,
+            sse_gone_after_retention,
+            sse_slow_subscriber_is_cut_off_and_resumes,
+            sse_long_replay_is_paced_not_cut_off,
+            sse_keep_alive_comment,
+            sse_ends_cleanly_at_sigterm,
         );
     };
     ($bin:expr $(,)?) => {

@@ -396,8 +396,16 @@ impl Conn {
     }
 
     /// One piece of the streamed body of request `id`, whose head was filed with
-    /// [`Response::stream`].
+    /// [`Response::stream`]. A stream whose unsent bytes would pass
+    /// [`Limits::max_stream_backlog`](crate::Limits) is cut off instead: the connection is
+    /// finished at once (a subscriber that reads too slowly may not grow memory without bound).
     pub fn push_chunk(&mut self, id: ReqId, data: &[u8]) {
+        if self.backlog() + data.len() > self.config.limits.max_stream_backlog
+            && self.index(id).is_some()
+        {
+            self.abort();
+            return;
+        }
         let at_front = id.0 == self.first_id;
         let out_closed = self.out_closed;
         let Some(i) = self.index(id) else {
@@ -521,6 +529,15 @@ impl Conn {
         }
     }
 
+    /// Closes at once, dropping what was not sent: nothing more can reach the peer in time.
+    fn abort(&mut self) {
+        self.aborted = true;
+        self.close_output();
+        self.out_pos = 0;
+        pool::give_output(std::mem::take(&mut self.out));
+        self.clock.send_since = None;
+    }
+
     /// After a reply that closes the connection, nothing else is read or written.
     fn close_output(&mut self) {
         self.out_closed = true;
@@ -623,11 +640,7 @@ impl Conn {
         let c = &self.clock;
         if self.unsent() > 0 && c.send_since.is_some_and(|s| now >= s + t.send) {
             // The peer stopped reading: nothing more can reach it.
-            self.aborted = true;
-            self.close_output();
-            self.out_pos = 0;
-            pool::give_output(std::mem::take(&mut self.out));
-            self.clock.send_since = None;
+            self.abort();
             return;
         }
         let (since, grace) = (c.read_since, c.grace_until);
@@ -749,6 +762,14 @@ impl Conn {
     /// Requests read on this connection so far (handed out by [`Conn::next_request`]).
     pub fn requests_read(&self) -> u64 {
         self.first_id + self.slots.len() as u64
+    }
+
+    /// How many bytes a streamed reply may add now: half the stream backlog limit, less what is
+    /// held already. A driver polls its stream for at most this much, and not at all at 0
+    /// (the peer is behind: wait until the output drains), so a replay of many events flows
+    /// as fast as the peer reads, and only a peer that stops reading is cut off.
+    pub fn stream_budget(&self) -> usize {
+        (self.config.limits.max_stream_backlog / 2).saturating_sub(self.backlog())
     }
 
     /// Whether the reply to request `id` is still owed (not fully written, and not dropped

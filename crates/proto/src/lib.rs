@@ -86,6 +86,9 @@ pub struct Limits {
     pub max_body: usize,
     /// Requests read ahead of their replies; past this, reading waits.
     pub max_pipeline: usize,
+    /// A streamed reply whose unsent bytes pass this (a subscriber that reads too slowly) is
+    /// cut off: the connection is closed, and the client can resume where it stopped.
+    pub max_stream_backlog: usize,
 }
 
 impl Default for Limits {
@@ -95,6 +98,7 @@ impl Default for Limits {
             max_target: 8 * 1024,
             max_body: 8 * 1024 * 1024,
             max_pipeline: 64,
+            max_stream_backlog: 1024 * 1024,
         }
     }
 }

@@ -21,6 +21,7 @@ fn limits() -> Limits {
         max_target: 256,
         max_body: 4096,
         max_pipeline: 64,
+        ..Limits::default()
     }
 }
 

@@ -221,8 +221,7 @@ fn wait<P: Park>(cx: &Context<'_, P>, mut pending: Pending) -> proto::Response {
         if let Some(reply) = pending.poll(now) {
             break reply;
         }
-        cx.park
-            .park(pending.deadline().map(|d| d.saturating_duration_since(now)));
+        cx.park.park(pending.deadline().map(|d| until(d, now)));
     };
     cx.stats.release();
     reply
@@ -255,7 +254,7 @@ fn stream_out<S: BlockingStream, P: Park>(
         }
         let now = Instant::now();
         chunk.clear();
-        let open = body.poll(now, &mut chunk);
+        let open = body.poll(now, &mut chunk, http.stream_budget());
         if !chunk.is_empty() {
             http.push_chunk(id, &chunk);
         }
@@ -264,12 +263,19 @@ fn stream_out<S: BlockingStream, P: Park>(
             continue;
         }
         if chunk.is_empty() {
-            cx.park
-                .park(body.deadline().map(|d| d.saturating_duration_since(now)));
+            cx.park.park(body.deadline().map(|d| until(d, now)));
         }
     };
     cx.stats.release();
     ok
+}
+
+/// How long to park for a deadline: at least a millisecond, since a timer may fire a little
+/// early (may's does) and a wait of nearly nothing may never fire at all.
+fn until(deadline: Instant, now: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(now)
+        .max(Duration::from_millis(1))
 }
 
 /// Where a served connection stands, for shutdown.

@@ -77,6 +77,11 @@ pub struct ServerArgs {
     #[arg(long, default_value = "8M", value_parser = size)]
     pub max_body: usize,
 
+    /// A streamed reply (Server-Sent Events) whose unsent bytes pass this is cut off: a
+    /// subscriber that reads too slowly is disconnected (it resumes with Last-Event-ID).
+    #[arg(long, default_value = "1M", value_parser = size)]
+    pub stream_backlog: usize,
+
     #[command(flatten)]
     pub app: app::AppArgs,
 }
@@ -108,6 +113,7 @@ impl ServerArgs {
             max_head: self.max_head,
             max_target: self.max_target,
             max_body: self.max_body,
+            max_stream_backlog: self.stream_backlog,
             ..proto::Limits::default()
         }
     }

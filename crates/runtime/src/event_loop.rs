@@ -26,13 +26,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use app::{App, Pending, Reply, Stream, Subscription, WorkerStats};
+use app::{App, Reply, Subscription, WorkerStats};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use proto::{CommonHeaders, Conn, ReqId, Request};
 use slab::Slab;
 
 use crate::date::ReplyHeaders;
+use crate::held::{ConnKey, Held, HeldConn};
 use crate::listener::{AcceptBackoff, is_out_of_resources};
 
 use crate::{ServeConfig, Shutdown};
@@ -106,28 +107,6 @@ impl LoopHandle {
     }
 }
 
-/// A request the loop holds for the app: a reply that waits, or a stream.
-struct Held {
-    token: usize,
-    generation: u64,
-    id: ReqId,
-    what: Holding,
-}
-
-enum Holding {
-    Pending(Pending),
-    Stream(Stream),
-}
-
-impl Holding {
-    fn deadline(&self) -> Option<Instant> {
-        match self {
-            Holding::Pending(p) => p.deadline(),
-            Holding::Stream(s) => s.deadline(),
-        }
-    }
-}
-
 struct Connection {
     stream: TcpStream,
     /// The protocol state, which also decides every timeout (`poll_timeout`).
@@ -137,6 +116,22 @@ struct Connection {
     readable: bool,
     /// The socket may take output.
     writable: bool,
+    /// Its stream has more to send but the peer is behind: poll it once the output drains.
+    stream_waits: bool,
+}
+
+impl HeldConn for Connection {
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn http(&mut self) -> &mut Conn {
+        &mut self.http
+    }
+
+    fn stream_waits(&mut self) -> &mut bool {
+        &mut self.stream_waits
+    }
 }
 
 enum Accepting {
@@ -175,11 +170,8 @@ struct State {
     generations: u64,
     app: App,
     /// Requests held for the app, walked when the hub calls and at the earliest deadline.
-    held: Slab<Held>,
-    next_held: Option<Instant>,
+    held: Held,
     _subscription: Subscription,
-    /// Scratch space a stream's poll writes its bytes into.
-    chunk: Vec<u8>,
     headers: ReplyHeaders,
     now: Instant,
     sweep_every: Duration,
@@ -236,10 +228,8 @@ impl EventLoop {
                 signals: None,
                 generations: 0,
                 app: app.clone(),
-                held: Slab::new(),
-                next_held: None,
+                held: Held::new(stats),
                 _subscription: subscription,
-                chunk: Vec::new(),
                 now,
                 sweep_every,
                 next_sweep: now + sweep_every,
@@ -330,7 +320,7 @@ impl EventLoop {
                 s.set_accepting(Accepting::Yes);
                 s.accept_all();
             }
-            if s.next_held.is_some_and(|at| s.now >= at) {
+            if s.held.deadline().is_some_and(|at| s.now >= at) {
                 s.poll_held(handler);
             }
             if s.now >= s.next_sweep {
@@ -354,7 +344,7 @@ impl State {
 
     fn next_deadline(&self) -> Instant {
         let mut next = self.next_sweep;
-        if let Some(held) = self.next_held {
+        if let Some(held) = self.held.deadline() {
             next = next.min(held);
         }
         if let Accepting::Paused { until } = self.accepting {
@@ -466,6 +456,7 @@ impl State {
             generation: self.generations,
             readable: false,
             writable: false,
+            stream_waits: false,
         });
         self.stats.connection_opened();
     }
@@ -521,67 +512,24 @@ impl State {
     /// Files a reply: into the connection now, or held by the loop until the app has it.
     fn file(&mut self, origin: Origin, reply: Reply) {
         if let Some(c) = self.conns.get_mut(origin.token) {
-            let held = (&mut self.held, &mut self.next_held, self.stats);
-            file(c, held, origin, reply);
+            let key = ConnKey {
+                token: origin.token,
+                generation: origin.generation,
+            };
+            self.held.file(&mut c.http, key, origin.id, reply);
         }
     }
 
     /// Polls every held request and stream: what is ready is filed into its connection, and
     /// each connection touched is driven once (one write for all it got).
     fn poll_held(&mut self, handler: &mut impl Handler) {
-        let now = self.now;
         let mut touched = std::mem::take(&mut self.scratch);
-        let mut chunk = std::mem::take(&mut self.chunk);
-        let mut next: Option<Instant> = None;
-        let mut done = Vec::new();
-        for (key, h) in self.held.iter_mut() {
-            let conn = self.conns.get_mut(h.token);
-            // Gone: its connection closed (or failed the request) meanwhile.
-            let Some(c) = conn.filter(|c| c.generation == h.generation && c.http.owes(h.id)) else {
-                done.push(key);
-                continue;
-            };
-            let (answered, ended) = match &mut h.what {
-                Holding::Pending(p) => match p.poll(now) {
-                    Some(reply) => {
-                        c.http.respond(h.id, reply);
-                        (true, true)
-                    }
-                    None => (false, false),
-                },
-                Holding::Stream(s) => {
-                    chunk.clear();
-                    let open = s.poll(now, &mut chunk);
-                    if !chunk.is_empty() {
-                        c.http.push_chunk(h.id, &chunk);
-                    }
-                    if !open {
-                        c.http.end_stream(h.id);
-                    }
-                    (!chunk.is_empty() || !open, !open)
-                }
-            };
-            if answered && !touched.contains(&h.token) {
-                touched.push(h.token);
-            }
-            if ended {
-                done.push(key);
-            } else if let Some(at) = h.what.deadline() {
-                next = Some(next.map_or(at, |n| n.min(at)));
-            }
-        }
-        for key in done {
-            self.held.remove(key);
-            self.stats.release();
-        }
-        self.next_held = next;
+        self.held.poll(self.now, &mut self.conns, &mut touched);
         for &token in &touched {
             self.drive(token, handler);
         }
         touched.clear();
         self.scratch = touched;
-        chunk.clear();
-        self.chunk = chunk;
     }
 
     fn on_signal(&mut self) {
@@ -640,12 +588,19 @@ impl State {
                     id: req.id,
                 };
                 if let Some(reply) = handler.handle(&req, origin) {
-                    let held = (&mut self.held, &mut self.next_held, self.stats);
-                    file(c, held, origin, reply);
+                    let key = ConnKey {
+                        token,
+                        generation: c.generation,
+                    };
+                    self.held.file(&mut c.http, key, origin.id, reply);
                 }
             }
             if c.writable && write_out(c, self.headers.get(), now).is_err() {
                 return self.close(token);
+            }
+            if c.stream_waits && c.http.stream_budget() > 0 {
+                c.stream_waits = false;
+                self.held.output_drained(now);
             }
             if c.http.is_finished() && c.http.should_linger() {
                 // Half-close, then drain what the peer still sends before closing, so that a
@@ -715,34 +670,6 @@ impl State {
         expired.clear();
         self.scratch = expired;
     }
-}
-
-/// Files a reply into its connection now, or holds it (with the loop's held requests, the
-/// earliest deadline among them, and the worker's counters) until the app has it.
-fn file(
-    c: &mut Connection,
-    (held, next_held, stats): (&mut Slab<Held>, &mut Option<Instant>, &WorkerStats),
-    origin: Origin,
-    reply: Reply,
-) {
-    let what = match reply {
-        Reply::Now(r) => return c.http.respond(origin.id, r),
-        Reply::Later(pending) => Holding::Pending(pending),
-        Reply::Stream(head, stream) => {
-            c.http.respond(origin.id, head);
-            Holding::Stream(stream)
-        }
-    };
-    if let Some(at) = what.deadline() {
-        *next_held = Some(next_held.map_or(at, |next| next.min(at)));
-    }
-    stats.hold();
-    held.insert(Held {
-        token: origin.token,
-        generation: origin.generation,
-        id: origin.id,
-        what,
-    });
 }
 
 /// Writes what the connection has ready, until the socket takes no more.

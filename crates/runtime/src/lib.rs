@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod date;
 pub mod event_loop;
+pub mod held;
 pub mod listener;
 pub mod shutdown;
 pub mod threads;

@@ -81,3 +81,35 @@ fn conn_threads(pid: u32) -> usize {
         .filter(|name| name.starts_with("conn-"))
         .count()
 }
+
+/// A long poll holds its thread for as long as it waits: `--max-threads 3` long polls take
+/// every thread, and the next client waits in the backlog until a long poll's wait runs out and
+/// its connection closes. (An event loop holds 10,000 for a few MB: this pattern's lesson.)
+#[test]
+fn held_long_polls_take_every_thread() {
+    let server = Server::start(BIN, &["--max-threads", "3"]);
+    let mut waiters: Vec<Client> = (0..3)
+        .map(|_| {
+            let mut c = Client::connect(server.addr());
+            c.request(GET_HELLO).assert_status(200);
+            c.send(
+                "GET /messages?after=0&wait=2s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            );
+            c
+        })
+        .collect();
+    let mut late = Client::connect(server.addr());
+    late.send(GET_HELLO);
+    late.set_timeout(Duration::from_millis(700));
+    match late.try_read_response(blackbox::Expect::Body) {
+        Err(blackbox::ReadError::Timeout { received }) if received.is_empty() => {}
+        other => panic!(
+            "three long polls hold all three threads: the next client should wait: {other:?}"
+        ),
+    }
+    late.set_timeout(Duration::from_secs(10));
+    late.read_response().assert_status(200).assert_body(HELLO);
+    for c in &mut waiters {
+        c.read_response().assert_status(200);
+    }
+}

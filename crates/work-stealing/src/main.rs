@@ -393,7 +393,8 @@ async fn stream_out(out: &mut Out<'_>, service: &Service, id: ReqId, mut body: S
         tokio::pin!(moved);
         moved.as_mut().enable();
         chunk.clear();
-        let open = body.poll(std::time::Instant::now(), &mut chunk);
+        let budget = out.http.stream_budget();
+        let open = body.poll(std::time::Instant::now(), &mut chunk, budget);
         if !chunk.is_empty() {
             out.http.push_chunk(id, &chunk);
         }
