@@ -24,21 +24,21 @@
 #   --no-build           use the binaries already built
 #   --out DIR            where results go (default: results/hold-YYYYMMDD-HHMMSS)
 #
-# For each pattern in turn: start it (on 127.0.0.1:0, --max-conns and thread-per-connection's
-# --max-threads above the client count, its journal in a fresh directory), read its memory
-# idle, then run `loadgen --long-poll N` (or `--subscribe N`) at --rate messages/s, reading
-# the server's memory every 0.25 s while the clients are held, and stop it. Memory is PSS
-# (/proc/PID/smaps_rollup) summed over the server's process tree, so a prefork's shared pages
-# count once; threads are summed likewise; "held" is the connections the server has accepted
-# (socket descriptors in its processes, less those it had idle, loadgen's one publishing
-# connection included); "kernel stacks" is the growth of the machine's KernelStack
-# (/proc/meminfo: 16 KiB per thread, in no process's PSS). Each is the peak of the samples;
-# per client is (PSS held - PSS idle) / held (left out under 100 held: noise). Delivery
-# latency is from the POST's send to a client's receipt; "last" is per message, until the
-# last client had it. loadgen runs on one thread, and its own time to read each reply is in
-# those latencies (docs/benchmarks.md). Server CPU per message: the CPU of its process tree
-# (cpu_ticks, lib.sh) from the last sample before publishing began to the last sample, over
-# the messages published: the fan-out, and for long polls each client's next poll.
+# For each pattern in turn: start it (on 127.0.0.1:0, --max-conns above the client count for
+# each worker, thread-per-connection's --max-threads above the client count, its journal in
+# a fresh directory), read its memory idle, then run `loadgen --long-poll N` (or
+# `--subscribe N`) at --rate messages/s, reading the server's memory every 0.25 s while the
+# clients are held, and stop it. Memory is PSS (/proc/PID/smaps_rollup) summed over the
+# server's process tree, so a prefork's shared pages count once; threads are summed likewise;
+# "held" is the connections the server has accepted (socket descriptors in its processes,
+# less those it had idle, loadgen's one publishing connection included). Each is the peak of
+# the samples; per client is (PSS held - PSS idle) / held (left out under 100 held: noise).
+# Delivery latency is from the POST's send to a client's receipt; "last" is per message,
+# until the last client had it. loadgen runs on one thread, and its own time to read each
+# reply is in those latencies (docs/benchmarks.md). Server CPU per message: the CPU of its
+# process tree (cpu_ticks, lib.sh) from the last sample before publishing began to the last
+# sample, over the messages published: the fan-out, and for long polls each client's next
+# poll.
 #
 # Writes DIR/table.md (the table, with the command and the machine) and DIR/runs/NAME.json
 # (loadgen's JSON and the samples). Everything it starts is stopped on exit, including on
@@ -121,7 +121,8 @@ cleanup() {
 
 # tree_sample PID: "PSS_KIB THREADS SOCKETS KSTACK_KIB" now: the first three summed over PID's
 # process tree; the last the whole machine's kernel stacks (/proc/meminfo), where a thread's
-# 16 KiB kernel stack shows, which no process's PSS counts.
+# 16 KiB kernel stack shows, which no process's PSS counts (in the JSON only: other work on
+# the machine moves it by megabytes).
 tree_sample() {
     local pid pss=0 threads=0 sockets=0 v kstack
     kstack=$(awk '/^KernelStack:/ { print $2; exit }' /proc/meminfo)
@@ -155,8 +156,11 @@ runs() {
 hold() {
     local name=$1 binary=$2 WORKERS=$3 dir="$TMP/$1" i
     shift 3
-    # --max-conns above the clients: loadgen's publisher and a reconnect or two come on top.
-    SERVER_ARGS=(--max-conns $((CLIENTS + 100)) --commit "$COMMIT" "$@")
+    # --max-conns above the clients (loadgen's publisher and a reconnect or two come on top),
+    # for each worker: reuseport and uring split it between their workers, and the kernel's
+    # hash does not spread the clients evenly; a worker at its share would leave the rest of
+    # its hash in its accept queue.
+    SERVER_ARGS=(--max-conns $((CLIENTS * WORKERS + 100)) --commit "$COMMIT" "$@")
     if ! start_target "$binary" "$dir"; then
         log "  skipped $name: the server did not start"
         return
@@ -198,10 +202,11 @@ hold() {
     wait "$lg" || rc=$?
     unset "LIVE[$lg]"
     if ! alive "$pid"; then
-        log "  $name died while holding; its stderr:"
-        tail -n 5 "$dir/stderr" | sed 's/^/    /' >&2
+        cp "$dir/stderr" "$OUT/runs/$name.stderr"
+        log "  $name died while holding; its stderr is in $OUT/runs/$name.stderr"
         reap "$pid" 0
-        ROWS+=("$name|died|$(tail -n 1 "$dir/stderr")")
+        # The panic's message, if it panicked.
+        ROWS+=("$name|died|$(grep -m1 -A1 'panicked' "$dir/stderr" | tr '\n' ' ' || tail -n 1 "$dir/stderr")")
         return
     fi
     stop_pid "$pid"
@@ -250,20 +255,19 @@ def cpu_per_message(r):
     ticks = samples[-1][1] - before[-1][1]
     return f"{ticks / r['hz'] * 1000 / g['messages']['published']:.1f}"
 
-print("| pattern | held | PSS idle → held (MiB) | per client (KiB) | threads | kernel stacks + (MiB)"
+print("| pattern | held | PSS idle → held (MiB) | per client (KiB) | threads"
       " | server CPU per message (ms) | delivery p50 / p99 / max (ms) | last client p50 / max (ms) | errors |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
 for line in open(sys.argv[1]):
     name, status, rest = line.rstrip("\n").split("|", 2)
     if status != "ok":
-        print(f"| {name} | – | – | – | – | – | – | – | – | {status}: {rest} |")
+        print(f"| {name} | – | – | – | – | – | – | – | {status}: {rest} |")
         continue
     r = json.load(open(rest))
     g, idle, peak = r["loadgen"], r["idle"], r["peak"]
     held = peak["sockets"] - idle["sockets"]
     # Over a handful of clients the difference is noise (a page here or there).
     per = f"{(peak['pss_kib'] - idle['pss_kib']) / held:.1f}" if held >= 100 else "–"
-    kstack = (peak["kernel_stack_kib"] - idle["kernel_stack_kib"]) / 1024
     errs = []
     if g["subscribed"] < g["subscribers"]:
         errs.append(f"{n(g['subscribed'])} of {n(g['subscribers'])} subscribed")
@@ -289,7 +293,7 @@ for line in open(sys.argv[1]):
     else:
         times = "– | –"
     print(f"| {name} | {n(held)} | {idle['pss_kib'] / 1024:.1f} → {peak['pss_kib'] / 1024:.1f}"
-          f" | {per} | {n(peak['threads'])} | {kstack:.1f} | {cpu_per_message(r)} | {times}"
+          f" | {per} | {n(peak['threads'])} | {cpu_per_message(r)} | {times}"
           f" | {'; '.join(errs) or '0'} |")
 EOF
 }
