@@ -615,14 +615,7 @@ impl<'a> Worker<'a> {
     /// Opens a new socket for connection `i`; a failure schedules a retry.
     fn open(&mut self, i: usize, now: Instant) {
         let rcvbuf = self.cfg.slow_read.map(|_| 4096);
-        let result = connect(self.cfg.target.addr, rcvbuf).and_then(|mut s| {
-            self.poll.registry().register(
-                &mut s,
-                Token(i),
-                Interest::READABLE | Interest::WRITABLE,
-            )?;
-            Ok(s)
-        });
+        let result = connect_registered(&self.poll, self.cfg.target.addr, Token(i), rcvbuf);
         self.rec.connects += 1;
         let c = &mut self.conns[i];
         c.since = now;
@@ -1069,6 +1062,33 @@ pub(crate) fn connect(addr: SocketAddr, rcvbuf: Option<usize>) -> io::Result<Tcp
         Err(e) => return Err(e),
     }
     Ok(TcpStream::from_std(socket.into()))
+}
+
+/// [`connect`], and the socket registered with `poll` under `token` for both directions.
+pub(crate) fn connect_registered(
+    poll: &Poll,
+    addr: SocketAddr,
+    token: Token,
+    rcvbuf: Option<usize>,
+) -> io::Result<TcpStream> {
+    let mut s = connect(addr, rcvbuf)?;
+    poll.registry()
+        .register(&mut s, token, Interest::READABLE | Interest::WRITABLE)?;
+    Ok(s)
+}
+
+/// Writes as much of `buf` as the socket takes now; how much that was.
+pub(crate) fn write_some(s: &mut TcpStream, buf: &[u8]) -> io::Result<usize> {
+    let mut written = 0;
+    while written < buf.len() {
+        match s.write(&buf[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
 }
 
 /// Whether a non-blocking connect finished: `Ok(false)` while in progress.

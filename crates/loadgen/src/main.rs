@@ -214,17 +214,7 @@ fn main() {
         let _ = std::io::stdout().flush();
     })
     .unwrap_or_else(|e| fail(&e));
-    if live {
-        print!("\r\x1b[K");
-    }
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&summary).expect("a summary serializes")
-        );
-    } else {
-        print!("{}", summary.text());
-    }
+    print_summary(live, args.json, &summary, || summary.text());
 }
 
 /// `--subscribe N` or `--long-poll N`.
@@ -253,17 +243,7 @@ fn subscribe(args: &RunArgs) {
         let _ = std::io::stdout().flush();
     })
     .unwrap_or_else(|e| fail(&e));
-    if live {
-        print!("\r\x1b[K");
-    }
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&summary).expect("a summary serializes")
-        );
-    } else {
-        print!("{}", summary.text());
-    }
+    print_summary(live, args.json, &summary, || summary.text());
 }
 
 fn subscribe_config(args: &RunArgs) -> Result<subscribe::Config, String> {
@@ -292,6 +272,26 @@ fn subscribe_config(args: &RunArgs) -> Result<subscribe::Config, String> {
         wait: args.wait,
         headers: args.headers.clone(),
     })
+}
+
+/// Clears the progress line, then prints the summary: one JSON object, or the text.
+fn print_summary<T: serde::Serialize>(
+    live: bool,
+    json: bool,
+    summary: &T,
+    text: impl FnOnce() -> String,
+) {
+    if live {
+        print!("\r\x1b[K");
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(summary).expect("a summary serializes")
+        );
+    } else {
+        print!("{}", text());
+    }
 }
 
 fn fail(msg: &str) -> ! {

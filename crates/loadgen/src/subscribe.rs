@@ -29,10 +29,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Poll, Token};
 
 use crate::delivery::{Failure, FailureEvent, Published, RunInfo, Summary, Tally};
-use crate::engine::{connect, connected, cpu_time, is_out_of_files, raise_nofile_limit, share};
+use crate::engine::{
+    connect_registered, connected, cpu_time, is_out_of_files, raise_nofile_limit, share, write_some,
+};
 use crate::http::ResponseReader;
 use crate::messages;
 use crate::spec::Target;
@@ -541,14 +543,7 @@ impl<'a> Worker<'a> {
             let Some(i) = self.queue.pop_front() else {
                 break;
             };
-            let result = connect(self.cfg.target.addr, None).and_then(|mut s| {
-                self.poll.registry().register(
-                    &mut s,
-                    Token(i),
-                    Interest::READABLE | Interest::WRITABLE,
-                )?;
-                Ok(s)
-            });
+            let result = connect_registered(&self.poll, self.cfg.target.addr, Token(i), None);
             self.tally.connects += 1;
             let sub = &mut self.subs[i];
             sub.since = now;
@@ -652,16 +647,10 @@ impl<'a> Worker<'a> {
     fn flush(&mut self, i: usize, now: Instant) {
         let sub = &mut self.subs[i];
         let Some(s) = sub.stream.as_mut() else { return };
-        let mut written = 0;
-        while written < sub.out.len() {
-            match s.write(&sub.out[written..]) {
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return self.fail(i, Failure::Write, now),
-            }
+        match write_some(s, &sub.out) {
+            Ok(n) => drop(sub.out.drain(..n)),
+            Err(_) => self.fail(i, Failure::Write, now),
         }
-        sub.out.drain(..written);
     }
 
     /// Reads until the socket is drained; `to_eof`: on to the peer's end-of-file.
@@ -1168,14 +1157,7 @@ impl<'a> Publisher<'a> {
 
     fn connect(&mut self, now: Instant) {
         self.reconnect_at = None;
-        match connect(self.shared.cfg.target.addr, None).and_then(|mut s| {
-            self.poll.registry().register(
-                &mut s,
-                PUBLISHER,
-                Interest::READABLE | Interest::WRITABLE,
-            )?;
-            Ok(s)
-        }) {
+        match connect_registered(&self.poll, self.shared.cfg.target.addr, PUBLISHER, None) {
             Ok(s) => {
                 self.stream = Some(s);
                 self.connected = false;
@@ -1222,16 +1204,10 @@ impl<'a> Publisher<'a> {
         let Some(s) = self.stream.as_mut() else {
             return;
         };
-        let mut written = 0;
-        while written < self.out.len() {
-            match s.write(&self.out[written..]) {
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return self.reset(ErrorKind::Write, now),
-            }
+        match write_some(s, &self.out) {
+            Ok(n) => drop(self.out.drain(..n)),
+            Err(_) => self.reset(ErrorKind::Write, now),
         }
-        self.out.drain(..written);
     }
 
     fn read(&mut self, now: Instant) {
