@@ -32,8 +32,9 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `bin --addr 127.0.0.1:0 ARGS...`, waits for its startup line on stderr and for a
-    /// TCP connect to its address to succeed.
+    /// Starts `bin --addr 127.0.0.1:0 ARGS...` (`--addr` and `--data-dir` are added unless ARGS
+    /// has them), waits for its startup line on stderr and for a TCP connect to its address to
+    /// succeed.
     ///
     /// The readiness probe only opens and closes one TCP connection (see
     /// [`Server::PROBE_CONNECTIONS`]); it sends no request, so request counts stay exact.
@@ -55,7 +56,10 @@ impl Server {
     #[track_caller]
     fn spawn(bin: &str, args: &[&str], nofile: Option<u64>) -> Server {
         let mut command = Command::new(bin);
-        command.arg("--addr").arg("127.0.0.1:0");
+        // Port 0 unless the test names an address (e.g. to restart a server on its port).
+        if !args.contains(&"--addr") {
+            command.arg("--addr").arg("127.0.0.1:0");
+        }
         // Every server gets a journal directory of its own (two servers cannot share one),
         // unless the test names one, e.g. to restart a server on the same journal.
         let own_data_dir = (!args.contains(&"--data-dir")).then(fresh_data_dir);

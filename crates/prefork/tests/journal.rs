@@ -156,3 +156,37 @@ fn blocking_workers_each_hold_one_long_poll() {
         c.read_response().assert_status(200);
     }
 }
+
+/// A message posted to one process reaches the Server-Sent Events subscribers held by every
+/// process.
+#[test]
+fn a_message_reaches_subscribers_in_every_process() {
+    use blackbox::sse::Subscriber;
+    let server = Server::start(BIN, &["--workers", "3"]);
+    let addr = server.addr();
+    let mut subscribers: Vec<Subscriber> = Vec::new();
+    let mut spread = Vec::new();
+    while subscribers.len() < 96 && spread.iter().filter(|&&h| h > 0).count() < 2 {
+        let connecting: Vec<_> = (0..12)
+            .map(|_| thread::spawn(move || Subscriber::connect(addr, "/events?type=message", "")))
+            .collect();
+        subscribers.extend(connecting.into_iter().map(|t| t.join().unwrap()));
+        let want = subscribers.len() as u64;
+        spread = wait_for("the subscribers held", || {
+            let (stats, _) = fetch_stats(addr);
+            let held = per_worker(&stats, "held");
+            (held.iter().sum::<u64>() == want).then_some(held)
+        });
+    }
+    assert!(
+        spread.iter().filter(|&&h| h > 0).count() >= 2,
+        "the subscribers should be held by more than one process: {spread:?}"
+    );
+    let seq = post_message(&mut Client::connect(addr), "to every process");
+    for (i, s) in subscribers.iter_mut().enumerate() {
+        let e = s
+            .next_event(Duration::from_secs(5))
+            .unwrap_or_else(|end| panic!("subscriber {i}: {end:?}"));
+        assert_eq!(e.id, Some(seq.to_string()), "subscriber {i}: {e:?}");
+    }
+}

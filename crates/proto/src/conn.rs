@@ -90,11 +90,13 @@ pub struct Conn {
     failed: bool,
     /// Bytes of a partial head already looked at: a head can only end at a newline, so it is
     /// parsed again only when new bytes bring one (no quadratic work for a trickled head).
-    head_scanned: usize,
+    head_scanned: u32,
     /// Shutdown asked for no further requests: the one partly received is still finished.
     stopping: bool,
     /// Closed at once, nothing more to write: the peer stopped reading for too long.
     aborted: bool,
+    /// The lingering close is over (the peer closed, or the time ran out).
+    linger_done: bool,
     /// Body bytes of replies filed but not yet encoded (waiting behind an earlier reply, or
     /// for the socket to take more): they count toward backpressure as much as `out` does.
     queued: usize,
@@ -117,8 +119,6 @@ struct Clock {
     grace_until: Option<Instant>,
     /// Lingering close: until when input is drained and dropped; `Some` once lingering began.
     linger_until: Option<Instant>,
-    /// The lingering is over (the peer closed, or the time ran out).
-    linger_done: bool,
 }
 
 impl Conn {
@@ -142,6 +142,7 @@ impl Conn {
             head_scanned: 0,
             stopping: false,
             aborted: false,
+            linger_done: false,
             queued: 0,
             clock: Clock {
                 read_since: now,
@@ -149,7 +150,6 @@ impl Conn {
                 send_since: None,
                 grace_until: None,
                 linger_until: None,
-                linger_done: false,
             },
         }
     }
@@ -210,7 +210,7 @@ impl Conn {
         self.eof = true;
         self.reading = Reading::Stopped;
         if self.clock.linger_until.is_some() {
-            self.clock.linger_done = true;
+            self.linger_done = true;
         }
     }
 
@@ -316,17 +316,18 @@ impl Conn {
                         return Ok(false);
                     }
                     let data = &self.input[self.start..self.end];
-                    let fresh = &data[self.head_scanned.min(data.len())..];
+                    let fresh = &data[(self.head_scanned as usize).min(data.len())..];
                     let limits = &self.config.limits;
                     let over_limit = data.len() > limits.max_head
                         || (data.len() > limits.max_target + 64
                             && memchr::memchr(b'\n', data).is_none());
                     if memchr::memchr(b'\n', fresh).is_none() && !over_limit {
-                        self.head_scanned = data.len();
+                        // A partial head is at most max_head (a few KiB): it fits.
+                        self.head_scanned = data.len() as u32;
                         return Ok(false);
                     }
                     let Some(head) = head::parse(data, limits, &mut self.positions)? else {
-                        self.head_scanned = data.len();
+                        self.head_scanned = data.len() as u32;
                         return Ok(false);
                     };
                     self.head_scanned = 0;
@@ -602,7 +603,7 @@ impl Conn {
         let t = &self.config.timeouts;
         let c = &self.clock;
         if let Some(until) = c.linger_until {
-            return (!c.linger_done).then_some(until);
+            return (!self.linger_done).then_some(until);
         }
         if self.is_finished() {
             return None;
@@ -634,7 +635,7 @@ impl Conn {
     pub fn handle_timeout(&mut self, now: Instant) {
         let t = self.config.timeouts;
         if let Some(until) = self.clock.linger_until {
-            self.clock.linger_done |= now >= until;
+            self.linger_done |= now >= until;
             return;
         }
         let c = &self.clock;
@@ -665,6 +666,11 @@ impl Conn {
 
     // ---- what the caller should do ---------------------------------------------------------
 
+    /// The bytes encoded by the last [`Conn::output`] and not yet written.
+    pub fn unsent_output(&self) -> &[u8] {
+        &self.out[self.out_pos..]
+    }
+
     /// Bytes encoded but not yet written.
     pub fn unsent(&self) -> usize {
         self.out.len() - self.out_pos
@@ -680,7 +686,7 @@ impl Conn {
     /// lingering: input is drained and dropped.
     pub fn wants_read(&self) -> bool {
         if self.clock.linger_until.is_some() {
-            return !self.clock.linger_done;
+            return !self.linger_done;
         }
         !matches!(self.reading, Reading::Stopped)
             && self.slots.len() < self.config.limits.max_pipeline
@@ -691,7 +697,7 @@ impl Conn {
     /// [`Conn::should_linger`] says so).
     pub fn is_finished(&self) -> bool {
         if self.clock.linger_until.is_some() {
-            return self.clock.linger_done;
+            return self.linger_done;
         }
         self.aborted
             || (self.unsent() == 0

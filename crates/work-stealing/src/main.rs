@@ -78,6 +78,9 @@ struct Service {
     offload: bool,
     /// Notified whenever the app's hub calls: held requests and streams poll again.
     moved: Arc<Notify>,
+    /// Notified once, when shutdown begins (`stopped_at` is set first).
+    stop: Notify,
+    stopped_at: std::sync::OnceLock<std::time::Instant>,
 }
 
 fn main() -> io::Result<()> {
@@ -93,6 +96,8 @@ fn main() -> io::Result<()> {
         config: ServeConfig::new(PATTERN, &args.server),
         offload: args.offload,
         moved,
+        stop: Notify::new(),
+        stopped_at: std::sync::OnceLock::new(),
     });
 
     let listener = runtime::listener::bind(&args.server, false)?;
@@ -116,7 +121,10 @@ fn main() -> io::Result<()> {
 
     // Stop accepting and reading new requests; replies in flight still go out, and held
     // requests answer with what they have.
-    stop.send_replace(Some(std::time::Instant::now()));
+    let since = std::time::Instant::now();
+    let _ = service.stopped_at.set(since);
+    service.stop.notify_waiters();
+    stop.send_replace(Some(since));
     service.app.stop();
     // Each task holds a receiver, so none left means all are done. Waited for on this thread's
     // clock: tokio's timers fire only when a worker is free to drive them, and every worker
@@ -184,13 +192,8 @@ async fn accept_loop(listener: TcpListener, service: Arc<Service>, mut stopping:
                 // Counted where it was accepted; `serve` closes it in the same slot.
                 let slot = this_worker();
                 stats.worker(slot).connection_opened();
-                tokio::spawn(serve(
-                    stream,
-                    service.clone(),
-                    slot,
-                    stopping.clone(),
-                    permit,
-                ));
+                let fut = serve(stream, service.clone(), slot, stopping.clone(), permit);
+                tokio::spawn(fut);
             }
             Err(e) if is_out_of_resources(&e) => {
                 // The connection stays queued and the socket readable: retrying now would spin.
@@ -210,80 +213,97 @@ async fn accept_loop(listener: TcpListener, service: Arc<Service>, mut stopping:
 // ---- one connection --------------------------------------------------------------------
 
 /// One connection's task, from accept to close. It holds its `--max-conns` permit and a
-/// shutdown receiver until it returns.
-async fn serve(
-    mut stream: TcpStream,
+/// shutdown receiver (the main thread counts them to know when every task is done) until it
+/// returns.
+fn serve(
+    stream: TcpStream,
     service: Arc<Service>,
     accepted_on: usize,
-    mut stopping: Stopping,
-    _permit: OwnedSemaphorePermit,
-) {
-    drive(&mut stream, &service, accepted_on, &mut stopping).await;
-    drop(stream);
-    service.app.stats().worker(accepted_on).connection_closed();
+    stopping: Stopping,
+    permit: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> {
+    // One async fn for the whole life (not a wrapper around `drive`), so that the task stores
+    // its arguments once.
+    drive(stream, service, accepted_on, (stopping, permit))
+}
+
+/// Counts the connection closed when its task ends, however it ends.
+struct Closed<'a>(&'a Arc<Service>, usize);
+
+impl Drop for Closed<'_> {
+    fn drop(&mut self) {
+        self.0.app.stats().worker(self.1).connection_closed();
+    }
+}
+
+/// A request that cannot be answered at once: heavy work, a held request, or a stream.
+enum Awaited {
+    Heavy(Task),
+    Later(Pending),
+    Stream(Stream),
 }
 
 /// The async twin of `runtime::blocking`'s driver: serve what is buffered, write the replies,
 /// close if done, else wait for input, racing it against the connection's next deadline (proto
-/// decides which) and shutdown. Each `.await` may resume on another worker. While it waits for
-/// input the task holds no buffer: it waits for readability, then borrows one from the pool.
+/// decides which) and shutdown. Each `.await` may resume on another worker.
+///
+/// An idle keep-alive connection is this task, parked: it holds no buffer (it waits for
+/// readability, then borrows one from the pool), and the task is kept small, since every idle
+/// connection pays for its largest await: requests are routed in a plain function, and what
+/// must be awaited at length (heavy work, a long poll, a stream) is boxed while it runs.
 async fn drive(
-    stream: &mut TcpStream,
-    service: &Service,
+    mut stream: TcpStream,
+    service: Arc<Service>,
     accepted_on: usize,
-    stopping: &mut Stopping,
+    _held_until_done: (Stopping, OwnedSemaphorePermit),
 ) {
+    let closed = Closed(&service, accepted_on);
+    let (stream, service): (&mut TcpStream, &Service) = (&mut stream, closed.0);
     let config = &service.config;
-    let stats = service.app.stats();
     let mut http = Conn::new(config.conn.clone(), std::time::Instant::now());
-    let mut headers = ReplyHeaders::new(config.server_name);
     let mut last_worker = accepted_on;
     // One timer for the connection's life, moved as its deadline changes: moving a deadline
     // later is an atomic store in tokio, not a trip to the timer wheel.
     let deadline = sleep(Duration::from_secs(86_400));
     tokio::pin!(deadline);
+    let mut stop_seen = false;
     loop {
-        if let Some(since) = *stopping.borrow() {
+        if let Some(&since) = service.stopped_at.get() {
             http.stop_reading(since);
+            stop_seen = true;
         }
-        while let Some(req) = http.next_request() {
-            // Counted on the worker serving it, which may not be the one that served the last.
-            let here = this_worker();
-            stats.worker(here).request();
-            if here != last_worker {
-                stats.worker(here).add_extra(MIGRATED_IN, 1);
-                last_worker = here;
-            }
-            let id = req.id;
-            let reply = match service.app.route(&req) {
-                Route::Ready(reply) => reply,
-                Route::Heavy(task) => run_heavy(task, service.offload).await.into(),
-            };
-            match reply {
-                Reply::Now(reply) => http.respond(id, reply),
-                Reply::Later(pending) => http.respond(id, wait(service, pending).await),
-                Reply::Stream(head, body) => {
-                    http.respond(id, head);
-                    let mut out = Out {
+        while let Some((id, awaited)) = route_buffered(&mut http, service, &mut last_worker) {
+            match *awaited {
+                Awaited::Heavy(task) => {
+                    let reply = Box::pin(run_heavy(task, service.offload)).await;
+                    http.respond(id, reply);
+                }
+                Awaited::Later(pending) => {
+                    let reply = Box::pin(wait(service, pending)).await;
+                    http.respond(id, reply);
+                }
+                Awaited::Stream(body) => {
+                    let out = Out {
                         stream,
                         http: &mut http,
-                        headers: &mut headers,
                         deadline: deadline.as_mut(),
                     };
-                    if !stream_out(&mut out, service, id, body).await {
+                    if !Box::pin(stream_out(out, service, id, body)).await {
                         return;
                     }
                 }
             }
         }
         // Every reply is ready (heavy ones were awaited): write them, as the peer takes them.
-        let mut out = Out {
-            stream,
-            http: &mut http,
-            headers: &mut headers,
-            deadline: deadline.as_mut(),
+        let flushed = {
+            let mut out = Out {
+                stream,
+                http: &mut http,
+                deadline: deadline.as_mut(),
+            };
+            out.flush().await
         };
-        if !out.flush().await {
+        if !flushed {
             return;
         }
         if http.is_finished() {
@@ -296,7 +316,14 @@ async fn drive(
         }
         http.release_buffers();
         set_deadline(deadline.as_mut(), &http);
-        // Readiness first: a ready socket needs neither the timer nor the shutdown flag polled.
+        // Registered before the flag is looked at, so a shutdown right after still wakes us.
+        let stop = service.stop.notified();
+        tokio::pin!(stop);
+        stop.as_mut().enable();
+        if service.stopped_at.get().is_some() && !stop_seen {
+            continue;
+        }
+        // Readiness first: a ready socket needs neither the timer nor the shutdown polled.
         tokio::select! {
             biased;
             ready = stream.readable() => {
@@ -314,16 +341,50 @@ async fn drive(
             }
             // A 408 for a request cut short, an idle close, the end of a linger: proto decides.
             () = &mut deadline => http.handle_timeout(std::time::Instant::now()),
-            since = stopped(stopping) => http.stop_reading(since),
+            // Shutdown: the loop's top stops the reading.
+            () = stop => {}
         }
     }
 }
 
-/// A connection's output side: its socket, protocol state, headers and timer.
+/// Routes the requests buffered on the connection, answering those that are ready now, until
+/// one must be awaited (boxed: only such requests pay for the allocation).
+fn route_buffered(
+    http: &mut Conn,
+    service: &Service,
+    last_worker: &mut usize,
+) -> Option<(ReqId, Box<Awaited>)> {
+    let stats = service.app.stats();
+    while let Some(req) = http.next_request() {
+        // Counted on the worker serving it, which may not be the one that served the last.
+        let here = this_worker();
+        stats.worker(here).request();
+        if here != *last_worker {
+            stats.worker(here).add_extra(MIGRATED_IN, 1);
+            *last_worker = here;
+        }
+        let id = req.id;
+        let awaited = match service.app.route(&req) {
+            Route::Ready(Reply::Now(reply)) => {
+                http.respond(id, reply);
+                continue;
+            }
+            Route::Ready(Reply::Later(pending)) => Awaited::Later(pending),
+            Route::Ready(Reply::Stream(head, body)) => {
+                http.respond(id, head);
+                Awaited::Stream(body)
+            }
+            Route::Heavy(task) => Awaited::Heavy(task),
+        };
+        return Some((id, Box::new(awaited)));
+    }
+    None
+}
+
+/// A connection's output side: its socket, protocol state and timer.
 struct Out<'a> {
     stream: &'a mut TcpStream,
     http: &'a mut Conn,
-    headers: &'a mut ReplyHeaders,
     deadline: std::pin::Pin<&'a mut tokio::time::Sleep>,
 }
 
@@ -332,11 +393,13 @@ impl Out<'_> {
     async fn flush(&mut self) -> bool {
         loop {
             let now = std::time::Instant::now();
-            if self.http.output(self.headers.refresh(), now).is_empty() {
+            let pending =
+                HEADERS.with_borrow_mut(|h| !self.http.output(h.refresh(), now).is_empty());
+            if !pending {
                 return true;
             }
             set_deadline(self.deadline.as_mut(), self.http);
-            let out = self.http.output(self.headers.get(), now);
+            let out = self.http.unsent_output();
             tokio::select! {
                 biased;
                 written = self.stream.write(out) => match written {
@@ -378,7 +441,7 @@ async fn wait(service: &Service, mut pending: Pending) -> Response {
 }
 
 /// Writes a streamed reply as it is produced; false if the connection failed.
-async fn stream_out(out: &mut Out<'_>, service: &Service, id: ReqId, mut body: Stream) -> bool {
+async fn stream_out(mut out: Out<'_>, service: &Service, id: ReqId, mut body: Stream) -> bool {
     let slot = this_worker();
     service.app.stats().worker(slot).hold();
     let mut chunk = Vec::new();
@@ -444,6 +507,11 @@ async fn run_heavy(task: Task, offload: bool) -> Response {
 // ---- helpers ---------------------------------------------------------------------------
 
 thread_local! {
+    /// The headers every reply carries, one copy per worker thread rather than one per
+    /// connection (`Date` is re-formatted at most once a second).
+    static HEADERS: std::cell::RefCell<ReplyHeaders> =
+        std::cell::RefCell::new(ReplyHeaders::new(PATTERN));
+
     /// This thread's worker index, set in `on_thread_start`; `None` off the workers.
     static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
@@ -454,12 +522,9 @@ fn this_worker() -> usize {
     WORKER.get().unwrap_or(0)
 }
 
-/// When shutdown began, once it has (or now, if the sender is gone, which means the same).
-async fn stopped(stopping: &mut Stopping) -> std::time::Instant {
-    match stopping.wait_for(Option::is_some).await {
-        Ok(since) => since.unwrap_or_else(std::time::Instant::now),
-        Err(_) => std::time::Instant::now(),
-    }
+/// Resolves once shutdown has begun (or the sender is gone, which means the same).
+async fn stopped(stopping: &mut Stopping) {
+    let _ = stopping.wait_for(Option::is_some).await;
 }
 
 /// The shutdown signal every task watches: `Some(when)` once it began.
