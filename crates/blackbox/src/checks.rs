@@ -11,9 +11,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 mod app;
+mod crash;
 mod idempotency;
 mod push;
 pub use app::*;
+pub use crash::*;
 pub use idempotency::*;
 pub use push::*;
 

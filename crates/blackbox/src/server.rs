@@ -202,6 +202,17 @@ impl Server {
 
     /// Sends signal `sig` (e.g. `libc::SIGTERM`) to the server process.
     #[track_caller]
+    /// SIGKILLs the server and every process it forked (its process group) at once, as a crash
+    /// or a power cut would stop them, and reaps it.
+    pub fn kill_all(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions; the negative pid names the process
+        // group this server leads (spawned with process_group(0)).
+        unsafe { libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL) };
+        if let Ok(status) = self.child.wait() {
+            self.exit = Some(status);
+        }
+    }
+
     pub fn signal(&self, sig: i32) {
         assert!(
             self.exit.is_none(),

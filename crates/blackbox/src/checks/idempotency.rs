@@ -114,11 +114,18 @@ pub fn idempotency_in_flight_is_409(bin: &str, args: &[&str]) {
     loop {
         let (stats, text) = super::fetch_stats(addr);
         let jobs = stats.get("jobs");
-        let n = |k| jobs.and_then(|j| j.get(k)).and_then(Value::as_u64).unwrap_or(0);
+        let n = |k| {
+            jobs.and_then(|j| j.get(k))
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
         if n("queued") + n("running") > 0 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "no job after 10 s: {text}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no job after 10 s: {text}"
+        );
         thread::sleep(Duration::from_millis(10));
     }
     let mut c = Client::connect(addr);
