@@ -77,9 +77,9 @@ pub fn idempotency_replays_the_first_reply(bin: &str, args: &[&str]) {
 pub fn idempotency_different_request_is_422(bin: &str, args: &[&str]) {
     let server = Server::start(bin, args);
     let mut c = Client::connect(server.addr());
-    c.request(&keyed("POST", "/messages", "\"k\"", "", b"first"))
+    c.request(keyed("POST", "/messages", "\"k\"", "", b"first"))
         .assert_status(201);
-    let r = c.request(&keyed("POST", "/messages", "\"k\"", "", b"second"));
+    let r = c.request(keyed("POST", "/messages", "\"k\"", "", b"second"));
     r.assert_status(422);
     assert_eq!(
         r.header("Content-Type"),
@@ -87,7 +87,7 @@ pub fn idempotency_different_request_is_422(bin: &str, args: &[&str]) {
         "{r:?}"
     );
     assert_eq!(count_messages(&mut c, "second"), 0);
-    let r = c.request(&keyed("POST", "/jobs?sleep_ms=1", "\"k\"", "", b""));
+    let r = c.request(keyed("POST", "/jobs?sleep_ms=1", "\"k\"", "", b""));
     r.assert_status(422);
 }
 
@@ -153,7 +153,7 @@ pub fn idempotency_bad_or_missing_key_is_400(bin: &str, args: &[&str]) {
         "\"bad \\n escape\"",
         &long,
     ] {
-        let r = c.request(&keyed("POST", "/messages", key, "", b"x"));
+        let r = c.request(keyed("POST", "/messages", key, "", b"x"));
         assert_eq!(r.status, 400, "key {key:?}: {r:?}");
         assert_eq!(
             r.header("Content-Type"),
@@ -161,12 +161,12 @@ pub fn idempotency_bad_or_missing_key_is_400(bin: &str, args: &[&str]) {
             "{r:?}"
         );
     }
-    let r = c.request(&request_with_body("POST", "/messages", "", b"x"));
+    let r = c.request(request_with_body("POST", "/messages", "", b"x"));
     assert_eq!(
         r.status, 400,
         "no key with --require-idempotency-key: {r:?}"
     );
-    c.request(&keyed("POST", "/messages", "ok-key", "", b"x"))
+    c.request(keyed("POST", "/messages", "ok-key", "", b"x"))
         .assert_status(201);
     // Other routes do not need one.
     c.request(get("/messages")).assert_status(200);
