@@ -193,7 +193,7 @@ impl StoredReply {
         let body = match &r.body {
             proto::Body::Static(b) => String::from_utf8_lossy(b).into_owned(),
             proto::Body::Owned(b) => String::from_utf8_lossy(b).into_owned(),
-            proto::Body::Stream => String::new(),
+            proto::Body::Stream | proto::Body::Sized(_) => String::new(),
         };
         StoredReply {
             status: r.status,

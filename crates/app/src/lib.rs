@@ -19,6 +19,10 @@
 //! | `GET /messages?after=N[&wait=]` | the messages after N: short poll, or long poll          |
 //! | `GET /events[?type=message]`    | Server-Sent Events: every record from now (or after     |
 //! |                                 | `Last-Event-ID`), as it is appended                     |
+//! | `OPTIONS/POST /files/`          | tus 1.0.0 resumable uploads: create (201 + `Location`)  |
+//! | `HEAD/PATCH/DELETE /files/ID`   | its offset; bytes at an offset, streamed to disk; delete|
+//! | `GET /files/ID`                 | a finished upload's bytes                               |
+//! | `POST /upload`                  | a plain streamed upload (not resumable): size, SHA-256  |
 //!
 //! Every job and message is a record in one [`journal`] that all the server's threads and
 //! processes share; each process keeps a view of it (jobs' states, recent events) that catches
@@ -36,6 +40,7 @@ mod records;
 mod reply;
 pub mod stats;
 mod task;
+mod upload;
 mod view;
 
 use std::io;
@@ -52,6 +57,7 @@ pub use jobs::JobRole;
 pub use reply::{Pending, Reply, Stream};
 pub use stats::{EXTRA_COUNTERS, Stats, WorkerStats};
 pub use task::{MAX_BLOCK_MS, MAX_WORK_US, Task};
+pub use upload::{BodySink, TUS_VERSION, streams_body};
 pub use view::{Event, EventKind};
 
 use problem::problem;
@@ -68,7 +74,13 @@ const KNOWN_METHODS: [&str; 9] = [
 
 /// Every request header routing reads: a copy of a request made to cross to another thread
 /// needs only these.
-pub const ROUTED_HEADERS: &[&str] = &["content-type", "prefer", "last-event-id", "idempotency-key"];
+pub const ROUTED_HEADERS: &[&str] = &[
+    "content-type",
+    "prefer",
+    "last-event-id",
+    "idempotency-key",
+    "tus-resumable",
+];
 
 /// What routing decided.
 pub enum Route {
@@ -135,6 +147,7 @@ struct Inner {
     /// `--require-idempotency-key`, `--idempotency-ttl`.
     require_key: bool,
     key_ttl: std::time::Duration,
+    uploads: upload::Uploads,
 }
 
 impl App {
@@ -156,6 +169,13 @@ impl App {
             e => io::Error::other(format!("--data-dir {}: {e}", dir.display())),
         })?;
         eprintln!("{pattern}: {recovery}");
+        let uploads = upload::Uploads::open(
+            &dir,
+            args.max_upload,
+            args.upload_expiry,
+            args.commit == Commit::Sync,
+        )
+        .map_err(|e| io::Error::other(format!("--data-dir {}: uploads: {e}", dir.display())))?;
         let journal = Arc::new(journal);
         let mut view = View::default();
         view.catch_up(&journal);
@@ -172,6 +192,7 @@ impl App {
                 sse_keep_alive: args.sse_keep_alive,
                 require_key: args.require_idempotency_key,
                 key_ttl: args.idempotency_ttl,
+                uploads,
             }),
         })
     }
@@ -272,6 +293,8 @@ impl App {
             ("/messages", true) => self.get_messages(req),
             ("/events", true) => self.get_events(req),
             ("/messages", _) if method == "POST" => self.post_message(req),
+            ("/files" | "/upload", _) => self.files(req),
+            (p, _) if p.starts_with("/files/") => self.files(req),
             (p, _) if p.starts_with("/jobs/") => match method {
                 "GET" | "HEAD" => self.get_job(req, &p["/jobs/".len()..]),
                 "DELETE" => self.delete_job(&p["/jobs/".len()..]),
@@ -459,7 +482,7 @@ fn echo<R: Routable + ?Sized>(req: &R) -> Response {
     Response::owned(200, content_type, req.body().to_vec())
 }
 
-fn not_allowed(allow: &'static str) -> Response {
+pub(crate) fn not_allowed(allow: &'static str) -> Response {
     Response::text(405, "Method Not Allowed\n").with_header("Allow", allow)
 }
 

@@ -16,6 +16,9 @@ pub enum Reply {
     Later(Pending),
     /// A streamed reply: send the head now, then whatever each poll produces.
     Stream(Response, Stream),
+    /// The reply comes once the request's body, fed to the sink as it arrives, has ended (an
+    /// upload: see [`BodySink::feed`](crate::BodySink::feed)).
+    Body(Box<crate::BodySink>),
 }
 
 impl From<Response> for Reply {
@@ -89,6 +92,8 @@ pub(crate) enum StreamKind {
     Events(crate::events::Events),
     /// `GET /stats/stream`: `/stats` as an event every `interval`.
     Stats { interval: std::time::Duration },
+    /// `GET /files/ID`: a finished upload, read as the peer takes it.
+    File(crate::upload::FileStream),
 }
 
 impl Stream {
@@ -120,6 +125,12 @@ impl Stream {
                     self.next = Some(now + *interval);
                 }
                 true
+            }
+            StreamKind::File(file) => {
+                let more = file.poll(out, budget, self.app.is_stopping());
+                // More to read: again as soon as the peer takes this.
+                self.next = more.then_some(now);
+                more
             }
         }
     }

@@ -113,6 +113,7 @@ fn summary(route: Route) -> String {
         Route::Ready(Reply::Now(r)) => describe(&r),
         Route::Ready(Reply::Later(_)) => "<later>".into(),
         Route::Ready(Reply::Stream(head, _)) => format!("<stream> {}", describe(&head)),
+        Route::Ready(Reply::Body(_)) => "<takes the body>".into(),
     }
 }
 
@@ -120,7 +121,7 @@ fn describe(r: &Response) -> String {
     let body = match &r.body {
         Body::Static(b) => b.to_vec(),
         Body::Owned(b) => b.clone(),
-        Body::Stream => b"<stream>".to_vec(),
+        Body::Stream | Body::Sized(_) => b"<stream>".to_vec(),
     };
     format!(
         "{} {} {:?} {}",

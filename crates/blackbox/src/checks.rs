@@ -14,10 +14,12 @@ mod app;
 mod crash;
 mod idempotency;
 mod push;
+mod upload;
 pub use app::*;
 pub use crash::*;
 pub use idempotency::*;
 pub use push::*;
+pub use upload::*;
 
 use crate::client::{Client, DEFAULT_TIMEOUT, Expect, ReadError, Response, preview};
 use crate::json::{self, Value};

@@ -182,6 +182,11 @@ impl Server {
         self.addr
     }
 
+    /// The data directory this harness made for the server (`None` if the test gave one).
+    pub fn data_dir(&self) -> Option<&std::path::Path> {
+        self.own_data_dir.as_deref()
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

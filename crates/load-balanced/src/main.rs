@@ -148,6 +148,12 @@ struct Dispatch {
 
 impl Handler for Dispatch {
     fn handle(&mut self, req: &Request<'_>, origin: Origin) -> Option<Reply> {
+        if runtime::streams_body(req.method, req.path()) {
+            // An upload's body arrives on this thread, after its head: routed here too (it
+            // opens a file; the bytes then go to it as this loop reads them).
+            self.stats.add_extra(EXECUTED, 1);
+            return Some(self.app.handle_inline(req));
+        }
         let work = if self.inline_cheap {
             match self.app.route(req) {
                 Route::Ready(reply) => {

@@ -114,6 +114,7 @@ impl ServerArgs {
             max_target: self.max_target,
             max_body: self.max_body,
             max_stream_backlog: self.stream_backlog,
+            max_upload: self.app.max_upload,
             ..proto::Limits::default()
         }
     }

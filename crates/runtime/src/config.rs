@@ -25,6 +25,7 @@ impl ServeConfig {
             conn: Arc::new(proto::Config {
                 limits: args.limits(),
                 timeouts: args.timeouts(),
+                stream_body: app::streams_body,
             }),
             shutdown_timeout: args.shutdown_timeout,
             max_conns: args.max_conns,
