@@ -345,7 +345,10 @@ impl App {
             .with_header("X-Accel-Buffering", "no");
         let stream = Stream {
             app: self.clone(),
-            kind: StreamKind::Stats { interval },
+            kind: StreamKind::Stats {
+                interval,
+                started: false,
+            },
             next: Some(Instant::now()),
         };
         Reply::Stream(head, stream)

@@ -91,7 +91,11 @@ pub(crate) enum StreamKind {
     /// `GET /events`: the journal, as Server-Sent Events.
     Events(crate::events::Events),
     /// `GET /stats/stream`: `/stats` as an event every `interval`.
-    Stats { interval: std::time::Duration },
+    Stats {
+        interval: std::time::Duration,
+        /// `retry:` went first.
+        started: bool,
+    },
     /// `GET /files/ID`: a finished upload, read as the peer takes it.
     File(crate::upload::FileStream),
 }
@@ -114,9 +118,14 @@ impl Stream {
                 let app = self.app.clone();
                 app.poll_events(ev, &mut self.next, now, out, budget)
             }
-            StreamKind::Stats { interval } => {
+            StreamKind::Stats { interval, started } => {
                 if self.app.is_stopping() {
                     return false;
+                }
+                if !*started {
+                    // A page reconnects a second after a restart, not the browser's default 3.
+                    out.extend_from_slice(b"retry: 1000\n\n");
+                    *started = true;
                 }
                 if self.next.is_none_or(|due| now >= due) {
                     out.extend_from_slice(b"event: stats\ndata: ");

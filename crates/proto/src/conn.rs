@@ -10,6 +10,7 @@ use crate::chunked::Decoder;
 use crate::head::{self, Framing, Head, HeaderPos, Version};
 use crate::pool;
 use crate::response::{self, CommonHeaders, ReplyMeta, Response};
+use crate::trace::Tracer;
 use crate::{Config, Request};
 
 /// Never offer the socket less room than this to read into.
@@ -149,6 +150,8 @@ pub struct Conn {
     /// for the socket to take more): they count toward backpressure as much as `out` does.
     queued: usize,
     clock: Clock,
+    /// `--trace`: each request's timeline (see [`crate::Trace`]); `None` when off.
+    tracer: Option<Box<Tracer>>,
 }
 
 /// The readings the timeouts run from. Which deadline applies depends on what the connection
@@ -172,6 +175,7 @@ struct Clock {
 impl Conn {
     /// A connection accepted at `now`. It holds no buffer until bytes arrive.
     pub fn new(config: Arc<Config>, now: Instant) -> Conn {
+        let tracer = config.trace.map(|_| Tracer::new(now));
         Conn {
             config,
             input: Vec::new(),
@@ -192,6 +196,7 @@ impl Conn {
             aborted: false,
             linger_done: false,
             queued: 0,
+            tracer,
             clock: Clock {
                 read_since: now,
                 last_fill: now,
@@ -249,6 +254,9 @@ impl Conn {
             // A head's clock starts at its first byte; blank lines before it are no activity.
             Reading::Head if !head_was_partial && self.has_partial_request() => {
                 self.clock.read_since = now;
+                if let Some(t) = &mut self.tracer {
+                    t.head_begins();
+                }
             }
             _ => {}
         }
@@ -345,6 +353,13 @@ impl Conn {
             sized_left: 0,
         });
         let id = ReqId(self.first_id + self.slots.len() as u64 - 1);
+        if let Some(t) = &mut self.tracer {
+            let (method, target) = (
+                slice_str(&self.input[base..], head.method),
+                slice_str(&self.input[base..], head.target),
+            );
+            t.handed_out(method, target, self.start < self.end, self.clock.last_fill);
+        }
         Some(Request {
             id,
             method: slice_str(&self.input[base..], head.method),
@@ -388,6 +403,13 @@ impl Conn {
             sized_left: 0,
         });
         let id = self.first_id + self.slots.len() as u64 - 1;
+        if let Some(t) = &mut self.tracer {
+            let (method, target) = (
+                slice_str(&self.input[base..], head.method),
+                slice_str(&self.input[base..], head.target),
+            );
+            t.handed_out(method, target, false, self.clock.last_fill);
+        }
         self.reading = Reading::Streaming(Streamed {
             id,
             framing,
@@ -526,6 +548,11 @@ impl Conn {
         self.failed = true;
         self.reading = Reading::Stopped;
         self.start = self.end;
+        if let Some(i) = self.index(ReqId(id))
+            && let Some(t) = &mut self.tracer
+        {
+            t.responded(i, status);
+        }
         if let Some(slot) = self.index(ReqId(id)).map(|i| &mut self.slots[i])
             && matches!(slot.state, SlotState::Waiting)
         {
@@ -600,6 +627,9 @@ impl Conn {
                         }
                     };
                     let streamed = head.streamed;
+                    if let Some(t) = &mut self.tracer {
+                        t.head_parsed();
+                    }
                     self.reading = Reading::Body(head, progress);
                     if streamed {
                         // Handed out now; the body follows in pieces.
@@ -646,6 +676,9 @@ impl Conn {
             ended: false,
             sized_left: 0,
         });
+        if let Some(t) = &mut self.tracer {
+            t.error(status);
+        }
     }
 
     // ---- replies -------------------------------------------------------------------------
@@ -658,6 +691,12 @@ impl Conn {
         {
             // Answered before its body was all in: the rest is read and dropped.
             s.discard = true;
+        }
+        if let Some(i) = self.index(id)
+            && let Some(t) = &mut self.tracer
+            && matches!(self.slots[i].state, SlotState::Waiting)
+        {
+            t.responded(i, response.status);
         }
         if let Some(slot) = self.index(id).and_then(|i| self.slots.get_mut(i))
             && matches!(slot.state, SlotState::Waiting)
@@ -739,6 +778,10 @@ impl Conn {
                     self.out = pool::take_output();
                 }
                 response::encode_stream_end(&mut self.out, meta);
+                if let Some(t) = &mut self.tracer {
+                    let began = t.stream_began;
+                    t.encoded(self.out.len() - self.out_pos, began);
+                }
                 if (meta.http10 && !meta.sized) || !meta.keep_alive {
                     self.close_output();
                 }
@@ -784,6 +827,8 @@ impl Conn {
                 self.out_pos = 0;
             }
             self.queued -= r.body.len() + if r.is_stream() { slot.early.len() } else { 0 };
+            let began = (self.out.len() - self.out_pos, self.tracer.as_ref());
+            let began = began.1.map_or(0, |t| t.output_at(began.0));
             let keep_open = response::encode(&mut self.out, &r, slot.meta, common);
             if r.is_stream() {
                 self.out.extend_from_slice(&slot.early);
@@ -796,12 +841,18 @@ impl Conn {
                         self.reading = Reading::Stopped;
                     }
                     // Stay at the front: later replies wait until this stream ends.
+                    if let Some(t) = &mut self.tracer {
+                        t.stream_began = began;
+                    }
                     break;
                 }
                 response::encode_stream_end(&mut self.out, slot.meta);
             }
             self.slots.pop_front();
             self.first_id += 1;
+            if let Some(t) = &mut self.tracer {
+                t.encoded(self.out.len() - self.out_pos, began);
+            }
             if !keep_open {
                 self.close_output();
             }
@@ -839,10 +890,16 @@ impl Conn {
         self.reading = Reading::Stopped;
         self.slots.clear();
         self.queued = 0;
+        if let Some(t) = &mut self.tracer {
+            t.drop_owed();
+        }
     }
 
     /// The socket took `n` bytes of [`Conn::output`] at `now`.
     pub fn written(&mut self, n: usize, now: Instant) {
+        if let (Some(t), Some(emit)) = (&mut self.tracer, self.config.trace) {
+            t.written(n, emit);
+        }
         self.out_pos += n;
         debug_assert!(self.out_pos <= self.out.len());
         if n > 0 {

@@ -27,6 +27,7 @@ mod date;
 mod head;
 mod pool;
 mod response;
+mod trace;
 
 use std::time::Duration;
 
@@ -34,6 +35,7 @@ pub use conn::{BodyChunk, Conn, OUTPUT_HIGH_WATER, ReqId};
 pub use date::{HTTP_DATE_LEN, http_date};
 pub use head::{MAX_HEADERS, Version};
 pub use response::{Body, CommonHeaders, Response, reason};
+pub use trace::Trace;
 
 use head::HeaderPos;
 
@@ -47,6 +49,8 @@ pub struct Config {
     /// [`Limits::max_upload`], not by memory) instead of whole (bounded by `max_body`). See
     /// [`Conn::body_chunk`].
     pub stream_body: fn(&str, &str) -> bool,
+    /// `--trace`: each request's timeline goes here once its reply is written (see [`Trace`]).
+    pub trace: Option<fn(&Trace)>,
 }
 
 impl Default for Config {
@@ -55,6 +59,7 @@ impl Default for Config {
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             stream_body: |_, _| false,
+            trace: None,
         }
     }
 }

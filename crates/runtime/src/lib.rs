@@ -11,6 +11,7 @@ pub mod held;
 pub mod listener;
 pub mod shutdown;
 pub mod threads;
+pub mod trace;
 
 pub use app::{
     App, AppArgs, BodySink, JobRole, Pending, ROUTED_HEADERS, Reply, Routable, Route, Stats,
