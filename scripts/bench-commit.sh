@@ -15,7 +15,8 @@
 #   --workers N    --workers of every PATTERN but single-thread (default 2)
 #   --no-build     use target/release as it is
 #   --out FILE     also write the markdown table to FILE
-#   --keep         keep the temp dir (runs.tsv, every client's output, server stderr, PG log)
+#   --keep         keep the temp dir: runs.tsv (every run), and per run its client's output,
+#                  the server's stderr and threads.txt (every thread's CPU and CPU wait)
 #
 # Needs PostgreSQL's server programs and pgbench (Debian: apt-get install -y postgresql; as
 # root it runs the cluster as the postgres OS user), python3 and curl.
@@ -43,20 +44,22 @@
 #   syncs/write    ours: fdatasyncs over records appended (/stats, journal); postgres: WAL
 #                  fsyncs over transactions (pg_stat_wal.wal_sync)
 #   syncs/s        those per second of the run
+#   flush ms       the mean time the disk under the temp dir took per cache flush (the device
+#                  half of an fdatasync) during the run, every process's flushes counted:
+#                  /sys/class/block/DEV/stat, flush requests and their milliseconds
 #   srv us/write   the server's CPU per write: its whole process tree (cpu_ticks in
 #                  scripts/lib.sh; for postgres the postmaster, its backends, WAL writer, ...)
 #   srv, client, other CPU
 #                  % of one core (a 2-core machine has 200): the server, the load generator,
 #                  and everything else that ran meanwhile (the machine is shared)
 #   busiest threads
-#                  the server's two threads that ran most (PostgreSQL's by process title;
-#                  "backend" is a client's), with the time each ran and the time it was ready
-#                  to run but waited for a CPU, in % of the run: near 100% together, that
-#                  thread is a limit; a large wait, the machine's cores are
-# At the start of each round it times fdatasync here (the header line): pwrite(2) 100 bytes and
-# fdatasync, 200 times, into a zero-filled file: one client's synchronous write cannot be
-# acknowledged faster. Everything it starts is stopped on exit (servers and the cluster, by
-# PID), including on failure or Ctrl-C, and the temp dir is removed (unless --keep).
+#                  the server's two thread names that ran most (xN: N threads of that name,
+#                  summed; PostgreSQL's by process title, "backend" a client's), with the time
+#                  they ran and the time they were ready to run but waited for a CPU, in % of
+#                  one core: one thread near 100% of the two together is a limit; a large
+#                  wait says the machine's cores are
+# Everything it starts is stopped on exit (servers and the cluster, by PID), including on
+# failure or Ctrl-C, and the temp dir is removed (unless --keep).
 set -euo pipefail
 
 PROG=bench-commit
@@ -80,7 +83,7 @@ TMP=
 PIDS=()    # pg_start records each postmaster here
 RUNS=      # one line per run (row)
 SAMPLER=   # the PID of sample_begin's background sample
-FSYNCS=()  # fdatasync_ms at the start of each round
+FLUSH_STAT= # find_flush_stat
 
 # pg.sh speaks the demos' language for what it cannot do.
 skipped() { log "$PROG: cannot run: $*"; }
@@ -129,25 +132,19 @@ cleanup() {
 
 # ---------------------------------------------------------------- the machine
 
-# fdatasync_ms: the median milliseconds of pwrite(2) 100 bytes + fdatasync, 200 times one after
-# another into a zero-filled, synced file in $TMP (as a WAL segment is): a flush of data alone,
-# no metadata to commit.
-fdatasync_ms() {
-    python3 - "$TMP/fdatasync.probe" <<'PY'
-import os, sys, time
-fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-os.write(fd, bytes(1 << 20))
-os.fsync(fd)
-times = []
-for i in range(200):
-    t = time.perf_counter()
-    os.pwrite(fd, b"x" * 100, 100 * i)
-    os.fdatasync(fd)
-    times.append(time.perf_counter() - t)
-os.close(fd)
-os.unlink(sys.argv[1])
-print(f"{1e3 * sorted(times)[len(times) // 2]:.2f}")
-PY
+# The block device under $TMP (its /sys/class/block/NAME/stat), if it has one: FLUSH_STAT.
+find_flush_stat() {
+    local dev
+    dev=$(df -P "$TMP" | awk 'NR == 2 { print $1 }')
+    dev=$(readlink -f "$dev" 2>/dev/null) || true
+    FLUSH_STAT=/sys/class/block/${dev##*/}/stat
+    # Fields 16 and 17 (Linux 5.5+): flush requests completed, milliseconds spent on them.
+    [[ -r $FLUSH_STAT && $(wc -w <"$FLUSH_STAT") -ge 17 ]] || FLUSH_STAT=
+}
+
+# flushes: "FLUSHES MS" of the device so far (0 0 without one).
+flushes() {
+    if [[ -n $FLUSH_STAT ]]; then awk '{ print $16, $17 }' "$FLUSH_STAT"; else echo "0 0"; fi
 }
 
 # ---------------------------------------------------------------- measuring
@@ -184,13 +181,15 @@ threads() {
     done
 }
 
-# sample_begin PID, sample_end PID: around a client's run. They set S0/S1 (wall clock), T0/T1
-# (the server's CPU ticks), B0/B1 (the machine's busy ticks), and BUSIEST: the two thread names
-# of the server that ran most, "name [xN] R% (wait W%)": N threads of that name (summed), R
-# their CPU, W their time waiting for a CPU, in % of one core from S0 to a sample taken 0.3 s
-# before the client's end (PostgreSQL's backends are gone soon after pgbench is; a thread not
-# there at S0 started from 0).
+# sample_begin PID, sample_end PID DIR: around a client's run. They set S0/S1 (wall clock),
+# T0/T1 (the server's CPU ticks), B0/B1 (the machine's busy ticks), F0/F1 and FMS0/FMS1 (the
+# device's cache flushes and their milliseconds), and BUSIEST: the two thread
+# names of the server that ran most, "name [xN] R% (wait W%)": N threads of that name
+# (summed), R their CPU, W their time waiting for a CPU, in % of one core from S0 to a sample
+# taken 0.3 s before the client's end (PostgreSQL's backends are gone soon after pgbench is;
+# a thread not there at S0 started from 0). DIR/threads.txt gets every name, busiest first.
 sample_begin() {
+    read -r F0 FMS0 < <(flushes)
     S0=$EPOCHREALTIME T0=$(cpu_ticks "$1") B0=$(busy_ticks)
     threads "$1" >"$TMP/threads.0"
     local at
@@ -201,14 +200,16 @@ sample_begin() {
 }
 sample_end() {
     S1=$EPOCHREALTIME T1=$(cpu_ticks "$1") B1=$(busy_ticks)
+    read -r F1 FMS1 < <(flushes)
     reap "$SAMPLER" 5
-    BUSIEST=$(awk -v wall="$(awk -v a="$S0" -v b="$(<"$TMP/threads.t")" 'BEGIN { print b - a }')" '
+    awk -v wall="$(awk -v a="$S0" -v b="$(<"$TMP/threads.t")" 'BEGIN { print b - a }')" '
         NR == FNR { run[$1] = $2; wait[$1] = $3; next }
         { n[$4]++; r[$4] += $2 - run[$1]; w[$4] += $3 - wait[$1] }
         END {
             for (k in n) printf "%d %s%s~%.0f%%~(wait~%.0f%%)\n", r[k], k, (n[k] > 1 ? "~x" n[k] : ""),
                 r[k] / wall / 1e7, w[k] / wall / 1e7
-        }' "$TMP/threads.0" "$TMP/threads.1" | sort -rn | head -2 | cut -d' ' -f2 | paste -sd,)
+        }' "$TMP/threads.0" "$TMP/threads.1" | sort -rn | cut -d' ' -f2 >"$2/threads.txt"
+    BUSIEST=$(head -2 "$2/threads.txt" | paste -sd,)
 }
 
 # cpu_row WRITES: "srv_us_per_write srv% client% other%" over the last sample, with the
@@ -224,12 +225,14 @@ cpu_row() {
 }
 
 # row ROUND CLIENTS TARGET RATE WRITES SYNCS: appends one run to $RUNS, "round clients target
-# writes/s syncs/write syncs/s srv_us srv% client% other% busiest" (spaces in names as ~).
+# writes/s syncs/write syncs/s flush_ms srv_us srv% client% other% busiest" (spaces in names
+# as ~; flush_ms is - without a device to read, or without a flush in the run).
 row() {
-    local syncs
+    local syncs flush=-
     syncs=$(awk -v n="$5" -v f="$6" -v d="$DURATION" 'BEGIN { printf "%.4f %.0f", f / n, f / d }')
-    printf '%s %s %s %s %s %s %s\n' "$1" "$2" "${3// /\~}" "$4" "$syncs" "$(cpu_row "$5")" "$BUSIEST" >>"$RUNS"
-    log "  $4 writes/s; syncs/write syncs/s: $syncs; busiest threads: ${BUSIEST//\~/ }"
+    if ((F1 > F0)); then flush=$(awk -v n=$((F1 - F0)) -v ms=$((FMS1 - FMS0)) 'BEGIN { printf "%.3f", ms / n }'); fi
+    printf '%s %s %s %s %s %s %s %s\n' "$1" "$2" "${3// /\~}" "$4" "$syncs" "$flush" "$(cpu_row "$5")" "$BUSIEST" >>"$RUNS"
+    log "  $4 writes/s; syncs/write syncs/s: $syncs; device flush: $flush ms; busiest threads: ${BUSIEST//\~/ }"
 }
 
 # journal_counts ADDR: "appends fdatasyncs" from the server's /stats.
@@ -254,7 +257,7 @@ measure_ours() {
     sample_begin "$SERVER_PID"
     run_client "$out" "$dir/loadgen.err" "$BIN_DIR/loadgen" -c "$clients" -d "${DURATION}s" --json \
         -r 'POST /messages hello' "http://$SERVER_ADDR/" || { cat "$dir/loadgen.err" >&2; die "loadgen failed"; }
-    sample_end "$SERVER_PID"
+    sample_end "$SERVER_PID" "$dir"
     counts=$(journal_counts "$SERVER_ADDR") || die "$target: no /stats after the run"
     read -r a1 f1 <<<"$counts"
     stop_pid "$SERVER_PID"
@@ -285,7 +288,7 @@ measure_pg() {
         "$PGBIN/pgbench" -n -M prepared -f "$TMP/insert.sql" -c "$clients" -j $((clients < 2 ? clients : 2)) \
         -T "$DURATION" -h "$TMP/pg-B/sock" -p 5432 -U postgres postgres ||
         { cat "$dir/pgbench.err" >&2; die "pgbench failed"; }
-    sample_end "$PG_PID_B"
+    sample_end "$PG_PID_B" "$dir"
     # A backend adds its counts to pg_stat_wal as it exits: wait until pgbench's have.
     local deadline=$((SECONDS + 10))
     until [[ $(pg_value "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'") == 1 ]]; do
@@ -308,11 +311,10 @@ print_table() {
     local fs
     fs=$(df -PT "$TMP" | awk 'NR == 2 { print $2 }')
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r), $(nproc) cores, $fs, PostgreSQL $PG_VERSION;" \
-        "$ROUNDS round(s) of ${DURATION}s per cell, loadgen/pgbench unpinned next to the server;" \
-        "fdatasync of 100 bytes here at the start of each round: $(printf '%s ms, ' "${FSYNCS[@]}" | sed 's/, $//')"
+        "$ROUNDS round(s) of ${DURATION}s per cell, loadgen/pgbench unpinned next to the server"
     echo
-    echo "| clients | target | writes/s (range) | x PG sync | syncs/write | syncs/s | srv us/write | srv CPU | client CPU | other CPU | busiest threads |"
-    echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    echo "| clients | target | writes/s (range) | x PG sync | syncs/write | syncs/s | flush ms | srv us/write | srv CPU | client CPU | other CPU | busiest threads |"
+    echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     # Pass 1: PostgreSQL on's rate per round and client count. Pass 2: every run, grouped by
     # (clients, target) in the order first seen; the medians at the end (for the busiest
     # threads, the median run's by writes/s).
@@ -337,8 +339,8 @@ print_table() {
             rate[k] = rate[k] " " $4
             b = base[$1 " " $2]
             if (b > 0) ratio[k] = ratio[k] " " $4 / b
-            for (i = 5; i <= 10; i++) col[k, i] = col[k, i] " " $i
-            busiest[k, $4] = $11
+            for (i = 5; i <= 11; i++) col[k, i] = col[k, i] " " ($i == "-" ? "" : $i)
+            busiest[k, $4] = $12
         }
         END {
             for (r = 1; r <= rows; r++) {
@@ -346,11 +348,12 @@ print_table() {
                 name = kk[2]; gsub("~", " ", name)
                 n = sort(rate[k], v); mid = v[int((n + 1) / 2)]
                 who = busiest[k, mid]; gsub("~", " ", who)
-                printf "| %s | %s | %.0f%s | %s | %.4f | %.0f | %.1f | %.0f%% | %.0f%% | %.0f%% | %s |\n",
+                flush = (split(col[k, 7], f, " ") > 0) ? sprintf("%.2f", median(col[k, 7])) : "n/a"
+                printf "| %s | %s | %.0f%s | %s | %.4f | %.0f | %s | %.1f | %.0f%% | %.0f%% | %.0f%% | %s |\n",
                     kk[1], name, median(rate[k]), range(rate[k]),
                     (k in ratio) ? sprintf("%.2fx", median(ratio[k])) : "n/a",
-                    median(col[k, 5]), median(col[k, 6]), median(col[k, 7]), median(col[k, 8]),
-                    median(col[k, 9]), median(col[k, 10]), who
+                    median(col[k, 5]), median(col[k, 6]), flush, median(col[k, 8]), median(col[k, 9]),
+                    median(col[k, 10]), median(col[k, 11]), who
             }
         }' "$RUNS" "$RUNS"
 }
@@ -368,6 +371,8 @@ main() {
     [[ -x $BIN_DIR/loadgen ]] || die "no $BIN_DIR/loadgen"
     ((${#PATTERNS[@]})) || die "no pattern to measure"
 
+    find_flush_stat
+    [[ -n $FLUSH_STAT ]] || log "no block device statistics for $TMP: no flush column"
     local most=0 c
     for c in "${CLIENTS[@]}"; do ((c > most)) && most=$c; done
     pg_init B "max_connections = $((most + 20))"
@@ -377,12 +382,10 @@ main() {
     : >"$RUNS"
 
     # Every target, in the order of the first round; each later round starts one further on,
-    # so that none is always first after the fdatasync probe or last before a client change.
+    # so that none always runs first, or right after the same other one.
     local targets=("pg on" "pg off") round clients pattern mode i t
     for pattern in "${PATTERNS[@]}"; do targets+=("$pattern sync" "$pattern async"); done
     for ((round = 1; round <= ROUNDS; round++)); do
-        FSYNCS+=("$(fdatasync_ms)")
-        log "== round $round/$ROUNDS: fdatasync here takes ${FSYNCS[-1]} ms (median)"
         for clients in "${CLIENTS[@]}"; do
             for ((i = 0; i < ${#targets[@]}; i++)); do
                 t=${targets[(i + round - 1) % ${#targets[@]}]}
