@@ -24,7 +24,9 @@ import sys
 import threading
 import time
 
-from tcp import parse_addr, read_response, request
+# No __pycache__ beside the scripts for importing tcp.py.
+sys.dont_write_bytecode = True
+from tcp import parse_addr, read_response, request  # noqa: E402
 
 
 def post(sock, body):
