@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -56,6 +56,11 @@ pub(crate) struct Jobs {
     more: Condvar,
     /// The journal moved: look for queued jobs handed to this process.
     adopt: AtomicBool,
+    /// Queued-job records the view has applied, and how many had been when a worker last
+    /// looked for handed jobs: only a new one is worth a look (the hub calls for every append
+    /// and every fdatasync, and a message must not wake a job worker).
+    queued_seen: AtomicU64,
+    queued_checked: AtomicU64,
 }
 
 /// The jobs this process has taken on: waiting for a worker, or running.
@@ -76,7 +81,14 @@ impl Jobs {
             local: Mutex::new(Local::default()),
             more: Condvar::new(),
             adopt: AtomicBool::new(false),
+            queued_seen: AtomicU64::new(0),
+            queued_checked: AtomicU64::new(0),
         }
+    }
+
+    /// The view has applied `n` queued-job records in all (see `queued_seen`).
+    pub(crate) fn saw_queued(&self, n: u64) {
+        self.queued_seen.store(n, Ordering::Release);
     }
 
     fn role(&self) -> JobRole {
@@ -129,7 +141,10 @@ pub(crate) fn start(app: &App, role: JobRole) -> io::Result<()> {
     let adopting = app.clone();
     let subscription = app.hub().subscribe(move || {
         let jobs = &adopting.inner.jobs;
-        if !jobs.adopt.swap(true, Ordering::AcqRel) {
+        let seen = jobs.queued_seen.load(Ordering::Acquire);
+        if seen != jobs.queued_checked.load(Ordering::Acquire)
+            && !jobs.adopt.swap(true, Ordering::AcqRel)
+        {
             jobs.more.notify_one();
         }
     });
@@ -346,7 +361,10 @@ impl App {
     /// Queued jobs recorded with this process as owner that it has not taken on yet: handed
     /// here by another process.
     fn adopt_handed_jobs(&self) {
-        let me = self.inner.jobs.me();
+        let jobs = &self.inner.jobs;
+        jobs.queued_checked
+            .store(jobs.queued_seen.load(Ordering::Acquire), Ordering::Release);
+        let me = jobs.me();
         let handed: Vec<u64> = {
             let view = self.view();
             let known = &lock(&self.inner.jobs.local).known;

@@ -246,6 +246,7 @@ impl App {
         let mut view = hub::lock(&self.inner.view);
         if self.inner.journal.head() > view.applied {
             view.catch_up(&self.inner.journal);
+            self.inner.jobs.saw_queued(view.queued_records);
         }
         view
     }

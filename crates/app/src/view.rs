@@ -73,6 +73,8 @@ pub(crate) struct View {
     queued: std::collections::BTreeSet<u64>,
     /// Idempotency keys and their first replies.
     pub keys: HashMap<String, KeyEntry>,
+    /// Queued-job records applied so far (new work, perhaps handed to this process).
+    pub queued_records: u64,
 }
 
 pub(crate) struct JobEntry {
@@ -139,6 +141,7 @@ impl View {
                     let json = job.public().to_string();
                     self.push_event(Event::new(seq, EventKind::Job, json));
                     if job.status == Status::Queued {
+                        self.queued_records += 1;
                         self.queued.insert(job.id);
                     } else {
                         self.queued.remove(&job.id);

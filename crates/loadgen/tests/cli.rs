@@ -15,7 +15,7 @@ fn bad_arguments_get_one_line() {
         (&["--rate", "0", "http://127.0.0.1:1/"], "--rate"),
         (&["--close", "maybe", "http://127.0.0.1:1/"], "--close"),
         (&["-r", "0:GET /", "http://127.0.0.1:1/"], "--request"),
-        (&["--duration", "5h", "http://127.0.0.1:1/"], "--duration"),
+        (&["--duration", "5d", "http://127.0.0.1:1/"], "--duration"),
         (&["--bogus", "http://127.0.0.1:1/"], "--bogus"),
         (
             &[
