@@ -276,6 +276,18 @@ impl Ring {
             {
                 Ok(())
             }
+            // Out of descriptors or memory while submitting (seen at EMFILE under load): what
+            // was not submitted stays queued for the next turn, which closes or pauses
+            // accepting meanwhile; a short pause keeps the retry from spinning.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN)
+                ) =>
+            {
+                std::thread::sleep(Duration::from_millis(1));
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
