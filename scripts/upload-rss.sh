@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # upload-rss.sh: a server's memory while one big upload streams through it.
 #
-# Usage: scripts/upload-rss.sh [--size 1G] [--workers 2] [--commit sync] [--probe-ms 10]
-#                              [--no-build] [--out FILE] [--keep] [PATTERN ...]
+# Usage: scripts/upload-rss.sh [--size 1G] [--workers 2] [--commit sync] [--rate-mb 0]
+#                              [--probe-ms 10] [--no-build] [--out FILE] [--keep] [PATTERN ...]
 #
 #   PATTERN         a pattern crate (default: every one); its release build is run
 #   --size S        the upload, in bytes or with K, M or G (powers of 2) (default 1G)
 #   --workers N     the servers' --workers (default 2)
 #   --commit C      the servers' --commit: sync (their default: the PATCH's 204 waits for an
 #                   fdatasync of what it wrote) or async (no fdatasync; the kernel writes back)
+#   --rate-mb R     the client sends at most R MB/s (default 0: as fast as the server takes it)
 #   --probe-ms MS   GET / on a second connection every MS ms during the upload (default 10)
 #   --no-build      skip `cargo build --release -p PATTERN...`
 #   --out FILE      also write the markdown table to FILE
@@ -38,6 +39,7 @@ PROFILE=release
 BIN_DIR=$(bin_dir)
 WORKERS=2
 COMMIT=sync
+RATE_MB=0
 SIZE=1G
 PROBE_MS=10
 BUILD=1
@@ -53,6 +55,7 @@ parse_args() {
             --size) SIZE=${2:?}; shift ;;
             --workers) WORKERS=${2:?}; shift ;;
             --commit) COMMIT=${2:?}; shift ;;
+            --rate-mb) RATE_MB=${2:?}; shift ;;
             --probe-ms) PROBE_MS=${2:?}; shift ;;
             --no-build) BUILD=0 ;;
             --out) OUT=${2:?}; shift ;;
@@ -66,6 +69,7 @@ parse_args() {
     ((${#PATTERNS[@]})) || mapfile -t PATTERNS < <(all_patterns)
     whole --workers "$WORKERS"
     number --probe-ms "$PROBE_MS"
+    number --rate-mb "$RATE_MB"
     [[ $COMMIT == sync || $COMMIT == async ]] || die "--commit: sync or async, not $COMMIT"
     SERVER_ARGS=(--commit "$COMMIT")
     BYTES=$(bytes "$SIZE")
@@ -119,7 +123,7 @@ measure() {
     curl -fsS -o /dev/null "http://$SERVER_ADDR/" || die "$target: GET / failed"
     idle=$(kib VmRSS "$SERVER_PID")
     reset_hwm "$SERVER_PID"
-    line=$(python3 "$TUSPY" tus "$SERVER_ADDR" "$TMP/file" --probe-ms "$PROBE_MS") ||
+    line=$(python3 "$TUSPY" tus "$SERVER_ADDR" "$TMP/file" --probe-ms "$PROBE_MS" --rate-mb "$RATE_MB") ||
         die "$target: the upload failed (its stderr: $dir/stderr)"
     peak=$(kib VmHWM "$SERVER_PID")
     after=$(kib VmRSS "$SERVER_PID")
@@ -132,10 +136,12 @@ measure() {
         "$(field probe_p50_ms "$line")" "$(field probe_p99_ms "$line")" "$(field probe_max_ms "$line")" >>"$ROWS"
 }
 
+rate() { if [[ $RATE_MB != 0 ]]; then printf ' at %s MB/s' "$RATE_MB"; fi; }
+
 field() { grep -o "\b$1=[^ ]*" <<<"$2" | cut -d= -f2; }
 
 print_table() {
-    echo "one tus PATCH of $(awk -v b="$BYTES" 'BEGIN {printf "%.2f GiB", b / 2^30}') on 127.0.0.1, --workers $WORKERS --commit $COMMIT, GET / every $PROBE_MS ms meanwhile ($(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r))"
+    echo "one tus PATCH of $(awk -v b="$BYTES" 'BEGIN {printf "%.2f GiB", b / 2^30}') on 127.0.0.1$(rate), --workers $WORKERS --commit $COMMIT, GET / every $PROBE_MS ms meanwhile ($(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r))"
     echo
     echo "| server | RSS idle | peak during (VmHWM) | after | peak - idle | MB/s | GET / p50 | p99 | max |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"

@@ -14,10 +14,11 @@ scripts/upload-rss.sh. Python 3 standard library only.
 
 tus and plain print one line `summary: key=value ...`: size, sent (body bytes that left the
 client's socket: written, less what the socket still held unsent when the connection was
-reset), twice (sent - size), elapsed_s, and for tus the offset it resumed at. `--probe-ms MS`
+reset, or for tus the offset the server kept if that is more), twice (sent - size), elapsed_s,
+and for tus the offset it resumed at. `--probe-ms MS`
 adds a second connection that sends GET / every MS milliseconds while the upload runs and
 reports its latency (probe_p50_ms, probe_p99_ms, probe_max_ms): how long the server left
-another request waiting meanwhile.
+another request waiting meanwhile. `--rate-mb R` paces the body at R MB/s (10^6 bytes).
 
 The body goes out with sendfile(2); the cut is close() with SO_LINGER 0, which discards what
 the socket has not sent and sends a RST, as when a connection drops. ADDR is HOST:PORT.
@@ -86,18 +87,23 @@ def request(sock, method, path, headers="", body=b""):
     return read_reply(sock, method)
 
 
-def send_body(sock, path, start, end, cut):
-    """Sends bytes [start, end) of the file at PATH. With `cut`, stops once the body has sent
-    `cut` bytes and resets the connection: returns the bytes that left the socket."""
+def send_body(sock, path, start, end, cut, rate=0):
+    """Sends bytes [start, end) of the file at PATH, at most `rate` bytes a second if given.
+    With `cut`, stops once the body has sent `cut` bytes and resets the connection: returns
+    the bytes that left the socket."""
     stop = min(end, start + cut) if cut is not None else end
+    piece = 1 << 20 if rate else stop - start
+    t0 = time.monotonic()
     with open(path, "rb") as f:
         offset = start
         while offset < stop:
-            offset += sock.sendfile(f, offset, stop - offset)
+            offset += sock.sendfile(f, offset, min(piece, stop - offset))
+            if rate:
+                time.sleep(max(0.0, t0 + (offset - start) / rate - time.monotonic()))
     if cut is None:
         return stop - start
-    unsent = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0" * 4))[0]
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    unsent = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0" * 4))[0]
     sock.close()
     return stop - start - unsent
 
@@ -183,7 +189,7 @@ def cmd_tus(args):
         h = check(*request(s, "POST", "/files/", f"{TUS}Upload-Length: {size}\r\n"), 201, "POST /files/")
     url = h["location"]
     # One PATCH for the whole file.
-    status, h, body, sent = patch(addr, url, 0, size, args.file, cut)
+    status, h, body, sent = patch(addr, url, 0, size, args.file, cut, args.rate_mb * 1e6)
     resumed_at, retries, cut_s = None, 0, 0.0
     if cut is None:
         check(status, h, body, 204, "PATCH")
@@ -195,9 +201,11 @@ def cmd_tus(args):
         offset = head_offset(addr, url)
         while True:
             resumed_at = offset
-            status, h, body, n = patch(addr, url, offset, size, args.file, None)
-            sent += n
+            status, h, body, n = patch(addr, url, offset, size, args.file, None, args.rate_mb * 1e6)
             if status == 204:
+                # What the server kept left this socket, even the bytes that left between the
+                # count and the reset (on loopback some can).
+                sent = max(sent, resumed_at) + n
                 break
             retries += 1
             if time.monotonic() > deadline or status not in (409, 423):
@@ -208,18 +216,11 @@ def cmd_tus(args):
     kept = head_offset(addr, url)
     if kept != size:
         raise HttpError(f"the upload ended at {kept} of {size} bytes")
-    line = (
-        f"summary: url={url} size={size} sent={sent} twice={sent - size} "
-        f"elapsed_s={elapsed:.2f} mb_per_s={size / elapsed / 1e6:.1f}"
-    )
-    if cut is not None:
-        line += f" cut_after={cut} cut_s={cut_s:.2f} resumed_at={resumed_at} retries={retries}"
-    if probe:
-        line += " " + probe.stop()
-    print(line)
+    extra = f"cut_after={cut} cut_s={cut_s:.2f} resumed_at={resumed_at} retries={retries}"
+    summary(f"url={url}", size, sent, elapsed, extra if cut is not None else "", probe)
 
 
-def patch(addr, url, offset, size, path, cut):
+def patch(addr, url, offset, size, path, cut, rate):
     """PATCH bytes [offset, size) of PATH on a connection of its own, `Expect: 100-continue`:
     a refusal (409, 423) comes before any of the body is sent. Returns (status, headers, body,
     body bytes sent); status None if the connection was cut."""
@@ -231,7 +232,7 @@ def patch(addr, url, offset, size, path, cut):
         status, h, body = read_reply(s)
         if status != 100:
             return status, h, body, 0
-        n = send_body(s, path, offset, size, cut)
+        n = send_body(s, path, offset, size, cut, rate)
         if cut is not None:
             return None, {}, b"", n
         return (*read_reply(s), n)
@@ -253,25 +254,28 @@ def cmd_plain(args):
     if cut is not None:
         s = connect(addr)
         s.sendall(head)
-        sent += send_body(s, args.file, 0, size, cut)
+        sent += send_body(s, args.file, 0, size, cut, args.rate_mb * 1e6)
         cut_s = time.perf_counter() - t0
     # Nothing was kept: all of it again.
     with connect(addr) as s:
         s.sendall(head)
-        sent += send_body(s, args.file, 0, size, None)
+        sent += send_body(s, args.file, 0, size, None, args.rate_mb * 1e6)
         status, h, body = read_reply(s)
         check(status, h, body, 200, "POST /upload")
     elapsed = time.perf_counter() - t0
     reply = body.decode().strip()
-    line = (
-        f"summary: size={size} sent={sent} twice={sent - size} elapsed_s={elapsed:.2f} "
-        f"mb_per_s={size / elapsed / 1e6:.1f} reply={reply.replace(' ', '')}"
-    )
-    if cut is not None:
-        line += f" cut_after={cut} cut_s={cut_s:.2f}"
-    if probe:
-        line += " " + probe.stop()
-    print(line)
+    extra = f"cut_after={cut} cut_s={cut_s:.2f}" if cut is not None else ""
+    summary(f"reply={reply.replace(' ', '')}", size, sent, elapsed, extra, probe)
+
+
+def summary(first, size, sent, elapsed, extra, probe):
+    """Prints the one `summary:` line of an upload (the probe stopped and reported)."""
+    words = [
+        "summary:", first, f"size={size}", f"sent={sent}", f"twice={sent - size}",
+        f"elapsed_s={elapsed:.2f}", f"mb_per_s={size / elapsed / 1e6:.1f}", extra,
+        probe.stop() if probe else "",
+    ]
+    print(" ".join(w for w in words if w))
 
 
 def cmd_get(args):
@@ -320,6 +324,7 @@ def main():
         c.add_argument("file")
         c.add_argument("--cut-at", type=float)
         c.add_argument("--probe-ms", type=float, default=0)
+        c.add_argument("--rate-mb", type=float, default=0)
     c = sub.add_parser("get")
     c.add_argument("addr")
     c.add_argument("path")
