@@ -6,8 +6,8 @@
 #        scripts/demo.sh [--quick] all     run them all, one after another
 #
 # Each demo starts what it needs (this workspace's servers, built with cargo; network
-# namespaces; helper clients from scripts/demos/tcp.py), prints what it did and what it saw as
-# numbers, and ends with one line starting "verdict:" that says what the numbers mean. A step
+# namespaces; helper clients from scripts/demos/tcp.py and tus.py), prints what it did and what
+# it saw as numbers, and ends with one line starting "verdict:" that says what the numbers mean. A step
 # this machine does not allow (no root, no network namespaces, a missing tool) is skipped with a
 # line starting "skipped:". On exit, however it exits, everything it started is removed:
 # processes (by PID), network namespaces and their veths, sysctls set inside them, temp files.
@@ -18,7 +18,7 @@
 #              DEMO_NO_NETNS=1              act as if network namespaces were not allowed (to try the
 #                                           fallbacks a machine without root takes)
 #
-# Pages: docs/demo-NAME.md explains each demo and shows a real run.
+# Pages: docs/demo-NAME.md explains each demo and shows a real run (upload's: docs/upload.md).
 set -euo pipefail
 
 PROG=demo
@@ -40,6 +40,7 @@ DEMO_LIST=(
     "workers    one pattern at 1, 2, 4, 8, 32 and 128 workers under the same load: where more stop helping"
     "commit     PostgreSQL's synchronous_commit on and off: a crash at a random moment; acknowledged COMMITs lost"
     "replication a primary and a streaming standby: synchronous (remote_apply) vs asynchronous; commit latency, stale reads"
+    "upload     a big file over a thin link, cut at 40%: tus resumes from the offset the server kept, a plain POST starts over"
     "anatomy    one request's timeline from the client, the server's --trace and tcpdump: t0, t1, t50, t51"
 )
 
@@ -237,7 +238,7 @@ list() {
     local line
     for line in "${DEMO_LIST[@]}"; do say "  $line"; done
     say
-    say "Each prints what it measured and a verdict line; docs/demo-NAME.md explains it."
+    say "Each prints what it measured and a verdict line; docs/demo-NAME.md explains it (upload: docs/upload.md)."
 }
 
 run_one() {

@@ -178,7 +178,9 @@ fn the_script_lists_every_demo() {
         .collect();
     assert_eq!(listed, demos::DEMOS, "scripts/demo.sh lists:\n{output}");
     for name in demos::DEMOS {
-        let page = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../docs/demo-{name}.md"));
+        let page = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(demos::page(name));
         assert!(page.exists(), "no page {}", page.display());
     }
 }
@@ -263,5 +265,38 @@ fn replication() {
                 "a read on the remote_apply standby missed a returned COMMIT: {verdict}"
             );
         }
+    }
+}
+
+#[test]
+fn upload() {
+    if let Some(verdict) = demo("upload") {
+        // "..., tus sent 20.0 MB for a 20.0 MB file (0 bytes twice; resumed at offset 7,293,416)
+        // in 2.15 s, plain sent 27.2 MB (7.2 MB twice) in 2.40 s; ..."
+        let after = |key: &str| -> &str {
+            verdict
+                .split_once(key)
+                .map(|(_, rest)| rest)
+                .unwrap_or_else(|| panic!("no `{key}` in: {verdict}"))
+        };
+        let megabytes = |key: &str| -> f64 {
+            let number = after(key).split(" MB").next().unwrap_or("");
+            number
+                .parse()
+                .unwrap_or_else(|_| panic!("`{key}` is not followed by MB in: {verdict}"))
+        };
+        let offset: u64 = after("resumed at offset ")
+            .split(')')
+            .next()
+            .unwrap_or("")
+            .replace(',', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("no offset in: {verdict}"));
+        // The connection was cut at 40% of the file: what arrived before is kept.
+        assert!(offset > 0, "the tus upload resumed from zero: {verdict}");
+        assert!(
+            megabytes("tus sent ") < megabytes("plain sent "),
+            "the resumed tus upload sent no less than the plain one sent twice: {verdict}"
+        );
     }
 }
