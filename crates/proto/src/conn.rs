@@ -220,6 +220,10 @@ impl Conn {
             self.start = 0;
             self.end = 0;
         }
+        if matches!(self.reading, Reading::Streaming(_)) && self.input.len() < STREAM_BUFFER {
+            // A body streaming through: read it in large pieces, not the pool's small ones.
+            self.input.resize(STREAM_BUFFER, 0);
+        }
         if self.input.len() - self.end < MIN_READ {
             if self.start > 0 {
                 self.input.copy_within(self.start..self.end, 0);

@@ -42,6 +42,11 @@ const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
 
+/// Reads one connection may make per turn of the loop. A peer that sends without pause (an
+/// upload over loopback) never lets its socket run dry; without a budget its connection would
+/// keep the loop to itself (libuv stops at 32 reads per event for the same reason).
+const READS_PER_TURN: u32 = 16;
+
 /// Decides what happens to each request. The loop calls it on its own thread.
 pub trait Handler {
     /// The reply (now, held, or streamed), or `None` if it will come later through
@@ -184,6 +189,9 @@ struct State {
     draining_since: Option<Instant>,
     /// Scratch list of connection tokens, kept to avoid allocating per wake-up.
     scratch: Vec<usize>,
+    /// Connections that spent their read budget with bytes still waiting: driven again next
+    /// turn, after the loop has looked at everyone else (no new edge will come for them).
+    unfinished: Vec<usize>,
 }
 
 impl EventLoop {
@@ -240,6 +248,7 @@ impl EventLoop {
                 next_sweep: now + sweep_every,
                 draining_since: None,
                 scratch: Vec::new(),
+                unfinished: Vec::new(),
             },
             poll,
         })
@@ -288,7 +297,11 @@ impl EventLoop {
         s.stats.bind_thread();
         s.tick();
         loop {
-            let timeout = s.next_deadline().saturating_duration_since(s.now);
+            let timeout = if s.unfinished.is_empty() {
+                s.next_deadline().saturating_duration_since(s.now)
+            } else {
+                Duration::ZERO
+            };
             if let Err(e) = self.poll.poll(&mut self.events, Some(timeout))
                 && e.kind() != io::ErrorKind::Interrupted
             {
@@ -317,6 +330,7 @@ impl EventLoop {
                     }
                 }
             }
+            s.drive_unfinished(handler);
             if s.shutdown.is_requested() && s.draining_since.is_none() {
                 s.start_draining(handler);
             }
@@ -589,6 +603,7 @@ impl State {
             return;
         };
         let now = self.now;
+        let mut reads = 0;
         loop {
             held::feed(&mut c.upload, &mut c.http);
             while let Some(req) = c.http.next_request() {
@@ -627,6 +642,14 @@ impl State {
             if !(c.readable && c.http.wants_read()) {
                 break;
             }
+            if reads == READS_PER_TURN {
+                // Still readable: the others get their turn first.
+                if !self.unfinished.contains(&token) {
+                    self.unfinished.push(token);
+                }
+                break;
+            }
+            reads += 1;
             let buf = c.http.read_buf();
             let room = buf.len();
             match c.stream.read(buf) {
@@ -654,6 +677,14 @@ impl State {
             self.close(token);
         } else {
             c.http.release_buffers();
+        }
+    }
+
+    /// Drives the connections whose last turn ended on their read budget.
+    fn drive_unfinished(&mut self, handler: &mut impl Handler) {
+        let tokens = std::mem::take(&mut self.unfinished);
+        for &token in &tokens {
+            self.drive(token, handler);
         }
     }
 
