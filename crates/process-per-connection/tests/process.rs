@@ -1,0 +1,409 @@
+//! What makes this pattern: a child process per connection, named `conn-N` after its `/stats`
+//! slot and gone (reaped) once its connection closes; the bound, at which new connections wait
+//! in the backlog; a crash that takes down one connection only; the `jobs` process that runs
+//! every child's jobs and is respawned when it dies; long polls held by separate processes,
+//! all woken by one POST; the stops.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use blackbox::checks::{
+    GET_HELLO, HELLO, fetch_stats, get, json_body, post_message, request_with_body,
+};
+use blackbox::json::Value;
+use blackbox::server::describe_exit;
+use blackbox::{Client, Expect, ReadError, Server};
+
+const BIN: &str = env!("CARGO_BIN_EXE_process-per-connection");
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Three keep-alive connections are served by three `conn-N` children of the master, each in
+/// the `/stats` slot N; the `jobs` process is in slot 0; the master has one thread. A closed
+/// connection's child exits and is reaped (no zombie), and its slot is free again.
+#[test]
+fn each_connection_has_a_child_process_of_its_own() {
+    let server = Server::start(BIN, &["--max-children", "8"]);
+    let master = server.pid();
+    let mut clients: Vec<Client> = (0..3).map(|_| Client::connect(server.addr())).collect();
+    for c in &mut clients {
+        c.request(GET_HELLO).assert_status(200).assert_body(HELLO);
+    }
+    // The readiness probe's child may still be exiting.
+    let children = wait_for("three conn-N children", || {
+        let children = conn_children(master);
+        (children.len() == 3).then_some(children)
+    });
+
+    let (stats, text) = fetch_stats(server.addr());
+    let slots = slots(&stats);
+    assert_eq!(slots.len(), 9, "the jobs process and 8 children: {text}");
+    for (pid, name) in &children {
+        let slot = slots.iter().find(|s| s.pid == *pid);
+        let slot = slot.unwrap_or_else(|| panic!("{name} (pid {pid}) has no slot: {text}"));
+        assert_eq!(*name, format!("conn-{}", slot.id), "{text}");
+        assert!(slot.id > 0 && slot.open == 1, "{text}");
+    }
+    let jobs = slots[0].pid;
+    assert_eq!(proc_name(jobs).as_deref(), Some("jobs"), "slot 0: {text}");
+    assert_eq!(proc_stat(jobs).map(|p| p.ppid), Some(master), "{text}");
+    let threads = std::fs::read_dir(format!("/proc/{master}/task")).map(|d| d.count());
+    assert_eq!(threads.ok(), Some(1), "the master has one thread");
+
+    // Close one connection: its child exits and the master reaps it.
+    let (gone, _) = children[0].clone();
+    let slot = slots.iter().find(|s| s.pid == gone).map(|s| s.id);
+    drop(clients.remove(0));
+    wait_for("the child of the closed connection to be reaped", || {
+        proc_stat(gone).is_none().then_some(())
+    });
+    let (stats, text) = fetch_stats(server.addr());
+    let slots = self::slots(&stats);
+    assert!(slots.iter().all(|s| s.pid != gone), "{text}");
+    let total_open = stats.get("total").and_then(|t| t.get("open"));
+    // The two clients left, and the /stats connection.
+    assert_eq!(total_open.and_then(Value::as_u64), Some(3), "{text}");
+    let forks = slots.iter().find(|s| Some(s.id) == slot).map(|s| s.forks);
+    assert!(forks.is_some_and(|f| f >= 1), "{text}");
+    for c in &mut clients {
+        c.request(GET_HELLO).assert_status(200);
+    }
+}
+
+/// `--max-conns 2`: two connections held open take both children; a third completes its
+/// handshake but is not served until one of them closes (it waits in the listen queue).
+#[test]
+fn at_the_bound_the_next_connection_waits_in_the_backlog() {
+    let server = Server::start(BIN, &["--max-conns", "2"]);
+    // Until the readiness probe's child has exited, the bound would be one lower.
+    wait_for("the probe's child to exit", || {
+        conn_children(server.pid()).is_empty().then_some(())
+    });
+    let open = blackbox::checks::next_connection_waits_at_the_bound(&server, 2);
+    drop(open);
+    let (stats, text) = fetch_stats(server.addr());
+    assert_eq!(
+        slots(&stats).len(),
+        3,
+        "the jobs process and 2 children: {text}"
+    );
+}
+
+/// A child that crashes (SIGABRT: what a panic is in the release profile) takes down its own
+/// connection and nothing else: the other connection is served on, the master logs the crash,
+/// reaps the child and frees its slot. (Not SIGSEGV: a kill(2)ed SIGSEGV meets Rust's stack
+/// overflow handler, which lets a signal that is not a fault pass once.)
+#[test]
+fn a_crashed_child_takes_down_only_its_connection() {
+    let server = Server::start(BIN, &[]);
+    let master = server.pid();
+    let mut doomed = Client::connect(server.addr());
+    doomed.request(GET_HELLO).assert_status(200);
+    let victim = wait_for("one conn-N child", || match conn_children(master)[..] {
+        [(pid, _)] => Some(pid),
+        _ => None,
+    });
+    let mut other = Client::connect(server.addr());
+    other.request(GET_HELLO).assert_status(200);
+
+    // SAFETY: kill has no memory-safety preconditions; the pid is a child of our server.
+    unsafe { libc::kill(victim as libc::pid_t, libc::SIGABRT) };
+    doomed.set_timeout(Duration::from_secs(5));
+    let lost = doomed
+        .try_send(GET_HELLO)
+        .map_err(|e| e.to_string())
+        .and_then(|()| match doomed.try_read_response(Expect::Body) {
+            Ok(r) => Ok(r),
+            Err(e) => Err(e.to_string()),
+        });
+    assert!(lost.is_err(), "the crashed child's connection: {lost:?}");
+    for _ in 0..3 {
+        other
+            .request(GET_HELLO)
+            .assert_status(200)
+            .assert_body(HELLO);
+    }
+    wait_for("the crash in the master's log", || {
+        let log = server.stderr_text();
+        (log.contains(&format!("(pid {victim}) was killed by SIGABRT"))).then_some(())
+    });
+    assert!(proc_stat(victim).is_none(), "the crashed child was reaped");
+    let (stats, text) = fetch_stats(server.addr());
+    let total_open = stats.get("total").and_then(|t| t.get("open"));
+    // `other` and the /stats connection: the crashed child's count was reset with its slot.
+    assert_eq!(total_open.and_then(Value::as_u64), Some(2), "{text}");
+}
+
+/// Jobs run in the `jobs` process, whichever child accepted them. Killed mid-job, it is
+/// respawned; the new one takes the job over once its lease runs out and runs it to the end,
+/// and runs the jobs posted afterwards.
+#[test]
+fn jobs_run_in_the_jobs_process_which_is_respawned() {
+    let server = Server::start(BIN, &["--job-lease", "1s"]);
+    let jobs_pid = |server: &Server| {
+        let (stats, _) = fetch_stats(server.addr());
+        let slot = slots(&stats).into_iter().next().expect("slot 0");
+        (slot.pid, slot.forks)
+    };
+    let (first, forks) = jobs_pid(&server);
+    assert_eq!(forks, 1);
+    assert_eq!(job_pid_after_prefer_wait(&server), first);
+
+    let mut c = Client::connect(server.addr());
+    let r = c.request(request_with_body("POST", "/jobs?sleep_ms=1500", "", b""));
+    r.assert_status(202);
+    let location = r.header("Location").unwrap_or_default().to_string();
+    wait_for("the job to run", || {
+        let job = json_body(&Client::connect(server.addr()).request(get(&location)));
+        (job.get("status").and_then(Value::as_str) == Some("running")).then_some(())
+    });
+    // SAFETY: kill has no memory-safety preconditions; the pid is our server's jobs process.
+    unsafe { libc::kill(first as libc::pid_t, libc::SIGKILL) };
+    let second = wait_for("a new jobs process", || {
+        let (pid, forks) = jobs_pid(&server);
+        (pid != 0 && pid != first && forks == 2).then_some(pid)
+    });
+    assert_eq!(proc_name(second).as_deref(), Some("jobs"));
+    let done = wait_for("the job to finish in the new jobs process", || {
+        let job = json_body(&Client::connect(server.addr()).request(get(&location)));
+        (job.get("status").and_then(Value::as_str) == Some("succeeded")).then_some(job)
+    });
+    assert_eq!(
+        done.get("pid").and_then(Value::as_u64),
+        Some(u64::from(second))
+    );
+    assert_eq!(
+        done.get("attempts").and_then(Value::as_u64),
+        Some(2),
+        "{done:?}"
+    );
+    assert_eq!(job_pid_after_prefer_wait(&server), second);
+}
+
+/// Long polls held by eight child processes are all answered within 100 ms of one POST, made
+/// by a ninth: the journal's futex wakes every process (best of three, for a loaded machine).
+#[test]
+fn long_polls_in_eight_processes_answered_by_one_post() {
+    let server = Server::start(BIN, &[]);
+    let mut poster = Client::connect(server.addr());
+    let mut worst = Vec::new();
+    for _ in 0..3 {
+        let seq = post_message(&mut poster, "warm-up");
+        let mut waiters: Vec<Client> = (0..8)
+            .map(|_| {
+                let mut c = Client::connect(server.addr());
+                c.send(get(&format!("/messages?after={seq}&wait=30s")));
+                c
+            })
+            .collect();
+        wait_for("8 long polls held", || {
+            let (stats, _) = fetch_stats(server.addr());
+            let held = stats.get("total").and_then(|t| t.get("held"));
+            (held.and_then(Value::as_u64) == Some(8)).then_some(())
+        });
+        poster.request(request_with_body("POST", "/messages", "", b"news"));
+        let posted = Instant::now();
+        let mut latest = Duration::ZERO;
+        for c in &mut waiters {
+            c.set_timeout(Duration::from_secs(5));
+            c.read_response().assert_status(200);
+            latest = latest.max(posted.elapsed());
+        }
+        if latest < Duration::from_millis(100) {
+            return;
+        }
+        worst.push(latest);
+    }
+    panic!("the last long poll was answered {worst:?} after the POST: expected < 100 ms");
+}
+
+/// A child that cannot finish within `--shutdown-timeout` (stuck in an 8 s `/block`) is
+/// SIGKILLed a second after it; the master exits 0 and leaves no process behind.
+#[test]
+fn sigterm_kills_stragglers_after_the_shutdown_timeout() {
+    let mut server = Server::start(BIN, &["--shutdown-timeout", "500ms"]);
+    let mut stuck = block_in_flight(&server);
+    server.signal(libc::SIGTERM);
+    match server.wait_exit(Duration::from_secs(6)) {
+        Some(status) if status.code() == Some(0) => {}
+        Some(status) => panic!("after SIGTERM the master {}", describe_exit(status)),
+        None => panic!("the master was still running 6 s after SIGTERM"),
+    }
+    assert!(
+        server
+            .stderr_text()
+            .contains("after the stop; killing them"),
+        "{}",
+        server.stderr_text()
+    );
+    stuck.set_timeout(Duration::from_secs(4));
+    match stuck.try_read_response(Expect::Body) {
+        Err(ReadError::Closed) => {}
+        other => panic!("the stuck /block should have been cut off, got {other:?}"),
+    }
+    assert_eq!(
+        in_group(server.pid()),
+        Vec::<u32>::new(),
+        "processes left behind"
+    );
+}
+
+/// SIGQUIT is the fast stop: an 8 s `/block` is cut off and the master exits 0 at once,
+/// leaving no process behind.
+#[test]
+fn sigquit_kills_every_child_at_once() {
+    let mut server = Server::start(BIN, &[]);
+    let mut slow = block_in_flight(&server);
+    server.signal(libc::SIGQUIT);
+    match server.wait_exit(Duration::from_secs(3)) {
+        Some(status) if status.code() == Some(0) => {}
+        Some(status) => panic!("after SIGQUIT the master {}", describe_exit(status)),
+        None => panic!("the master was still running 3 s after SIGQUIT"),
+    }
+    slow.set_timeout(Duration::from_secs(4));
+    match slow.try_read_response(Expect::Body) {
+        Err(ReadError::Closed) => {}
+        other => panic!("the in-flight /block should have been cut off, got {other:?}"),
+    }
+    assert_eq!(
+        in_group(server.pid()),
+        Vec::<u32>::new(),
+        "processes left behind"
+    );
+}
+
+// ---- helpers -----------------------------------------------------------------------------------
+
+/// A connection whose child is inside an 8 s `/block` (its slot counts the request).
+fn block_in_flight(server: &Server) -> Client {
+    let mut c = Client::connect(server.addr());
+    c.request(GET_HELLO).assert_status(200);
+    let child = wait_for(
+        "one conn-N child",
+        || match conn_children(server.pid())[..] {
+            [(pid, _)] => Some(pid),
+            _ => None,
+        },
+    );
+    let requests = || {
+        let (stats, text) = fetch_stats(server.addr());
+        let slot = slots(&stats).into_iter().find(|s| s.pid == child);
+        slot.unwrap_or_else(|| panic!("no slot for pid {child}: {text}"))
+            .requests
+    };
+    let before = requests();
+    c.send(get("/block?ms=8000"));
+    wait_for("the /block to be read", || {
+        (requests() > before).then_some(())
+    });
+    c
+}
+
+/// Posts a short job with `Prefer: wait`; the pid of the process that ran it.
+fn job_pid_after_prefer_wait(server: &Server) -> u32 {
+    let mut c = Client::connect(server.addr());
+    c.set_timeout(TIMEOUT);
+    let r = c.request(request_with_body(
+        "POST",
+        "/jobs?sleep_ms=1",
+        "Prefer: wait=10\r\n",
+        b"",
+    ));
+    r.assert_status(200);
+    let job = json_body(&r);
+    let pid = job.get("pid").and_then(Value::as_u64);
+    pid.and_then(|p| u32::try_from(p).ok())
+        .unwrap_or_else(|| panic!("a finished job names its process: {job:?}"))
+}
+
+/// Polls `probe` every few ms until it returns a value; fails after TIMEOUT.
+#[track_caller]
+fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "waited {TIMEOUT:?} for {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A `/stats` slot.
+struct Slot {
+    id: u64,
+    pid: u32,
+    open: u64,
+    requests: u64,
+    forks: u64,
+}
+
+fn slots(stats: &Value) -> Vec<Slot> {
+    let workers = stats.get("workers").and_then(Value::as_array);
+    let workers = workers.unwrap_or_else(|| panic!("/stats has no workers: {stats:?}"));
+    workers
+        .iter()
+        .map(|w| {
+            let n = |k: &str| {
+                w.get(k)
+                    .and_then(Value::as_u64)
+                    .unwrap_or_else(|| panic!("a slot without `{k}`: {w:?}"))
+            };
+            Slot {
+                id: n("id"),
+                pid: u32::try_from(n("pid")).unwrap_or(0),
+                open: n("open"),
+                requests: n("requests"),
+                forks: n("forks"),
+            }
+        })
+        .collect()
+}
+
+struct ProcStat {
+    state: char,
+    ppid: u32,
+    pgrp: u32,
+}
+
+/// A live (or zombie) process's state, parent and group; None once it is reaped.
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the parenthesised command name: state, ppid, pgrp, ...
+    let mut fields = text[text.rfind(')')? + 1..].split_whitespace();
+    Some(ProcStat {
+        state: fields.next()?.chars().next()?,
+        ppid: fields.next()?.parse().ok()?,
+        pgrp: fields.next()?.parse().ok()?,
+    })
+}
+
+fn proc_name(pid: u32) -> Option<String> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(comm.trim_end().to_string())
+}
+
+/// Every process whose stat matches `keep`.
+fn processes(keep: impl Fn(&ProcStat) -> bool) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| proc_stat(pid).is_some_and(|p| keep(&p)))
+        .collect()
+}
+
+/// The master's connection children not yet exited: (pid, name).
+fn conn_children(master: u32) -> Vec<(u32, String)> {
+    processes(|p| p.ppid == master && p.state != 'Z')
+        .into_iter()
+        .filter_map(|pid| Some((pid, proc_name(pid)?)))
+        .filter(|(_, name)| name.starts_with("conn-"))
+        .collect()
+}
+
+/// The processes still in the server's process group (the harness makes the master its leader).
+fn in_group(master: u32) -> Vec<u32> {
+    processes(|p| p.pgrp == master)
+}
