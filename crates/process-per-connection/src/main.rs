@@ -126,6 +126,7 @@ fn main() -> io::Result<()> {
         config: ServeConfig::new(PATTERN, &args.server),
         app,
         master: Pid::this(),
+        caught_up: 0,
     };
 
     let mut master = Master::new(listener, setup, stats, args.server.shutdown_timeout)?;

@@ -214,6 +214,7 @@ impl Master {
             return; // not reached: accepting() checks for a free slot
         };
         let jobs = self.jobs.pid.unwrap_or(Pid::from_raw(0));
+        self.setup.catch_up();
         match self.fork(|master| master.become_connection(slot, stream, jobs)) {
             Ok(pid) => {
                 self.stats.worker(slot).add_extra(FORKS, 1);

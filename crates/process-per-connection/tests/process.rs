@@ -407,3 +407,62 @@ fn conn_children(master: u32) -> Vec<(u32, String)> {
 fn in_group(master: u32) -> Vec<u32> {
     processes(|p| p.pgrp == master)
 }
+
+/// A child is forked from a master whose view of the journal is current: it does not read
+/// again the records appended since the master started. Measured as the children's CPU
+/// (the master's cutime + cstime) over 100 connections that each read the messages, before
+/// and after 2000 were posted: with every child reading them again, it was many times more.
+#[test]
+fn children_inherit_a_current_view_of_the_journal() {
+    const CONNECTIONS: usize = 100;
+    let server = Server::start(BIN, &["--commit", "async"]);
+    let idle = |server: &Server| {
+        // Zombies included: a child's CPU joins cutime only when it is reaped. The jobs
+        // process stays.
+        wait_for("every connection child to be reaped", || {
+            (processes(|p| p.ppid == server.pid()).len() == 1).then_some(())
+        })
+    };
+    let children_cpu = |server: &Server| {
+        // Not counting the children before (the poster's, which did the work of 2000 POSTs).
+        idle(server);
+        let before = reaped_cpu_ticks(server.pid());
+        for _ in 0..CONNECTIONS {
+            let mut c = Client::connect(server.addr());
+            // A read of the journal: the child's view must be current before it answers.
+            c.request("GET /messages?limit=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .assert_status(200);
+            c.expect_closed(TIMEOUT);
+        }
+        idle(server);
+        reaped_cpu_ticks(server.pid()) - before
+    };
+    let fresh = children_cpu(&server);
+    let mut poster = Client::connect(server.addr());
+    let body = "m".repeat(200);
+    for _ in 0..2000 {
+        post_message(&mut poster, &body);
+    }
+    drop(poster);
+    let later = children_cpu(&server);
+    assert!(
+        later < 2 * fresh.max(10),
+        "{CONNECTIONS} children used {fresh} ticks on a fresh journal, {later} after 2000 messages"
+    );
+}
+
+/// The CPU (clock ticks) of the children process `pid` has reaped: cutime + cstime.
+fn reaped_cpu_ticks(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the master's stat");
+    // After the parenthesised command name, cutime and cstime are fields 16 and 17: words 13, 14.
+    let words: Vec<&str> = text[text.rfind(')').unwrap_or(0) + 1..]
+        .split_whitespace()
+        .collect();
+    let field = |i: usize| {
+        words
+            .get(i)
+            .and_then(|w| w.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(13) + field(14)
+}
