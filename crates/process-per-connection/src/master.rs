@@ -413,8 +413,8 @@ impl Master {
         // queueing for nobody.
         self.listener = None;
         self.jobs.respawn_at = None;
-        for pid in self.children.keys().chain(&self.jobs.pid) {
-            let _ = kill(*pid, Signal::SIGTERM);
+        for pid in self.every_child() {
+            let _ = kill(pid, Signal::SIGTERM);
         }
     }
 
@@ -424,12 +424,7 @@ impl Master {
             "{PATTERN}: fast stop: killing {} and the jobs process",
             children(self.children.len())
         );
-        let pids: Vec<Pid> = self
-            .children
-            .keys()
-            .chain(&self.jobs.pid)
-            .copied()
-            .collect();
+        let pids = self.every_child();
         for &pid in &pids {
             let _ = kill(pid, Signal::SIGKILL);
         }
@@ -446,12 +441,7 @@ impl Master {
             return;
         }
         self.killed = true;
-        let pids: Vec<Pid> = self
-            .children
-            .keys()
-            .chain(&self.jobs.pid)
-            .copied()
-            .collect();
+        let pids = self.every_child();
         eprintln!(
             "{PATTERN}: {} child process(es) still there {:?} after the stop; killing them",
             pids.len(),
@@ -460,6 +450,12 @@ impl Master {
         for pid in pids {
             let _ = kill(pid, Signal::SIGKILL);
         }
+    }
+
+    /// The connection children and the jobs process, not yet reaped.
+    fn every_child(&self) -> Vec<Pid> {
+        let jobs = self.jobs.pid.iter();
+        self.children.keys().chain(jobs).copied().collect()
     }
 }
 

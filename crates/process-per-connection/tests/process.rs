@@ -220,55 +220,38 @@ fn long_polls_in_eight_processes_answered_by_one_post() {
 /// SIGKILLed a second after it; the master exits 0 and leaves no process behind.
 #[test]
 fn sigterm_kills_stragglers_after_the_shutdown_timeout() {
-    let mut server = Server::start(BIN, &["--shutdown-timeout", "500ms"]);
-    let mut stuck = block_in_flight(&server);
-    server.signal(libc::SIGTERM);
-    match server.wait_exit(Duration::from_secs(6)) {
-        Some(status) if status.code() == Some(0) => {}
-        Some(status) => panic!("after SIGTERM the master {}", describe_exit(status)),
-        None => panic!("the master was still running 6 s after SIGTERM"),
-    }
-    assert!(
-        server
-            .stderr_text()
-            .contains("after the stop; killing them"),
-        "{}",
-        server.stderr_text()
-    );
-    stuck.set_timeout(Duration::from_secs(4));
-    match stuck.try_read_response(Expect::Body) {
-        Err(ReadError::Closed) => {}
-        other => panic!("the stuck /block should have been cut off, got {other:?}"),
-    }
-    assert_eq!(
-        in_group(server.pid()),
-        Vec::<u32>::new(),
-        "processes left behind"
-    );
+    let server = Server::start(BIN, &["--shutdown-timeout", "500ms"]);
+    let log = stop_cuts_off_a_block(server, libc::SIGTERM, Duration::from_secs(6));
+    assert!(log.contains("after the stop; killing them"), "{log}");
 }
 
 /// SIGQUIT is the fast stop: an 8 s `/block` is cut off and the master exits 0 at once,
 /// leaving no process behind.
 #[test]
 fn sigquit_kills_every_child_at_once() {
-    let mut server = Server::start(BIN, &[]);
-    let mut slow = block_in_flight(&server);
-    server.signal(libc::SIGQUIT);
-    match server.wait_exit(Duration::from_secs(3)) {
+    let server = Server::start(BIN, &[]);
+    let log = stop_cuts_off_a_block(server, libc::SIGQUIT, Duration::from_secs(3));
+    assert!(log.contains("fast stop"), "{log}");
+}
+
+/// Sends `signal` while a child is in an 8 s `/block`: the master exits 0 `within`, the
+/// `/block` is cut off, and no process is left in the group. The master's log.
+fn stop_cuts_off_a_block(mut server: Server, signal: i32, within: Duration) -> String {
+    let mut stuck = block_in_flight(&server);
+    server.signal(signal);
+    match server.wait_exit(within) {
         Some(status) if status.code() == Some(0) => {}
-        Some(status) => panic!("after SIGQUIT the master {}", describe_exit(status)),
-        None => panic!("the master was still running 3 s after SIGQUIT"),
+        Some(status) => panic!("after signal {signal} the master {}", describe_exit(status)),
+        None => panic!("the master was still running {within:?} after signal {signal}"),
     }
-    slow.set_timeout(Duration::from_secs(4));
-    match slow.try_read_response(Expect::Body) {
+    stuck.set_timeout(Duration::from_secs(4));
+    match stuck.try_read_response(Expect::Body) {
         Err(ReadError::Closed) => {}
         other => panic!("the in-flight /block should have been cut off, got {other:?}"),
     }
-    assert_eq!(
-        in_group(server.pid()),
-        Vec::<u32>::new(),
-        "processes left behind"
-    );
+    let left = in_group(server.pid());
+    assert_eq!(left, Vec::<u32>::new(), "processes left behind");
+    server.stderr_text()
 }
 
 // ---- helpers -----------------------------------------------------------------------------------
