@@ -4,8 +4,9 @@
 //! process that serves that one connection, from its first byte to its close, with plain
 //! blocking `read` and `write` calls, then exits. The master serves nothing: it accepts, forks,
 //! closes its own copy of the connection, and reaps children as they exit. PostgreSQL's
-//! postmaster (a backend process per client), inetd (a server process per connection, its
-//! `nowait` services) and Apache 1.x before it preforked all serve this way.
+//! postmaster (a backend process per client session), inetd and systemd's `Accept=yes`
+//! sockets (a server process per connection), sshd (a child per login) and NCSA httpd, before
+//! Apache preforked, all serve this way.
 //!
 //! ```text
 //!                 ┌──────── master (one thread; accepts, forks, reaps; serves nothing) ───────┐
