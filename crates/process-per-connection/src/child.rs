@@ -1,23 +1,30 @@
 //! The two kinds of child the master forks: a connection child (`conn-N`), which serves the one
 //! connection it was forked for and exits when it closes, and the `jobs` process, which runs
-//! every job the connection children accept. Each starts with the master's signals blocked
-//! (see `Master::fork`), sets up its own handling of SIGTERM/SIGINT, and only then unblocks
-//! them, so a stop sent at any moment is neither lost nor handled by the master's handlers.
+//! every job the connection children accept.
+//!
+//! How a child learns of a graceful stop. Not by a signal: catching SIGTERM in a blocking
+//! child takes a thread waiting for it (a signal handler may not take the locks that waking
+//! the connection needs), and that thread was a sixth of the cost of every connection. Instead
+//! the master raises a flag in memory every child shares and wakes every process's journal
+//! watcher (`Journal::wake_watchers`), which each child has anyway for its held requests; the
+//! watcher tells the app's hub, and the child's subscriber, on that thread, sees the flag and
+//! stops. So a child keeps SIGTERM's default action, as a
+//! PostgreSQL backend's SIGTERM ends its session at once (also what it gets if the master
+//! dies), and ignores SIGINT and SIGQUIT, which Ctrl-C and Ctrl-\ send to the whole process
+//! group: the master decides what they mean.
 
 use std::io;
 use std::net::TcpStream;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use nix::sys::signal::Signal;
+use nix::sys::signal::{SigHandler, Signal, signal};
 use nix::unistd::{Pid, getppid};
 use runtime::blocking::{Context, OpenConns, ThreadPark, serve};
-use runtime::shutdown::STOP_SIGNALS;
 use runtime::{App, JobRole, Routable, ServeConfig};
-use signal_hook::iterator::Signals;
 
 use crate::master::master_signal_set;
-use crate::shared::JOBS_SLOT;
+use crate::shared::{JOBS_SLOT, StopFlag};
 use crate::{EXIT_FATAL, PATTERN};
 
 /// What every child needs, prepared by the master before the first fork.
@@ -25,6 +32,8 @@ pub struct Setup {
     pub config: ServeConfig,
     pub app: App,
     pub master: Pid,
+    /// Raised by the master when a graceful stop begins.
+    pub stop: StopFlag,
     /// The journal's head when the master's view last caught up with it.
     pub caught_up: u64,
 }
@@ -76,14 +85,22 @@ pub fn connection(slot: usize, stream: TcpStream, setup: &Setup, jobs: Pid) -> i
     stats.bind_thread();
     run(&format!("conn-{slot}"), || {
         let app = &setup.app;
-        // The journal watcher and the committer, started while the master's signals are still
-        // blocked, so that they never receive them. No job workers: a job outlives the
+        // The journal watcher and the committer. No job workers: a job outlives the
         // connection that posted it, so it is handed to the jobs process.
         let jobs = u32::try_from(jobs.as_raw()).unwrap_or(0);
         app.start_with(JobRole::HandTo(jobs))?;
+        // At the stop: wake the connection if it is parked in `read` between requests (a
+        // request in progress is finished first, and one not sent yet keeps the shutdown
+        // grace), and answer a held request with what there is now.
         let open = Arc::new(OpenConns::default());
-        on_stop_signal(app, &open)?;
-        master_signal_set().thread_unblock()?;
+        let _stop = on_stop(setup, {
+            let (app, open) = (app.clone(), open.clone());
+            move || {
+                open.stop_reading();
+                app.stop();
+            }
+        });
+        own_signals()?;
         let park = ThreadPark::current();
         let cx = Context {
             config: &setup.config,
@@ -98,28 +115,64 @@ pub fn connection(slot: usize, stream: TcpStream, setup: &Setup, jobs: Pid) -> i
 }
 
 /// The jobs process's life: run the jobs every connection child hands over (and take over the
-/// jobs of an earlier run), until told to stop; the exit code.
+/// jobs of an earlier run), until the stop; the exit code.
 ///
-/// Its main thread only waits for SIGTERM/SIGINT. At the stop it exits without waiting for a
-/// job in progress: the job's lease runs out and the next run of the server runs it again
-/// (jobs run at least once, as in every other pattern).
+/// Its main thread only waits for the stop. Then it exits without waiting for a job in
+/// progress: the job's lease runs out and the next run of the server runs it again (jobs run at
+/// least once, as in every other pattern).
 pub fn jobs(setup: &Setup) -> i32 {
     set_name("jobs");
     if !supervised(setup.master) {
         return 0;
     }
     run("jobs", || {
-        let mut signals = Signals::new(STOP_SIGNALS)?;
         setup.app.start_with(JobRole::Run)?;
-        master_signal_set().thread_unblock()?;
+        let main = std::thread::current();
+        let _stop = on_stop(setup, move || main.unpark());
+        own_signals()?;
         // Ready: the master waits for this before it announces the server (see
         // `Master::start`), so no job can be handed over before the job workers listen.
         setup.app.stats().worker(JOBS_SLOT).bind_thread();
-        if signals.forever().next().is_some() {
-            setup.app.stop();
+        // A stray unpark (another hub notification) only makes it look again.
+        while !setup.stop.is_raised() {
+            std::thread::park();
         }
+        setup.app.stop();
         Ok(())
     })
+}
+
+/// Calls `stop` (on the journal watcher's thread) once the master has raised the stop flag.
+/// Call it after `App::start_with` has started the watcher: then, whenever the flag is raised,
+/// either it is raised already here, or the watcher notifies the hub after the master's
+/// wake-up, which comes after the flag. The subscription lasts as long as the returned value.
+fn on_stop(setup: &Setup, stop: impl Fn() + Send + Sync + 'static) -> impl Sized {
+    let flag = setup.stop;
+    let check = move || {
+        if flag.is_raised() {
+            stop();
+        }
+    };
+    check();
+    setup.app.hub().subscribe(check)
+}
+
+/// The child's own signal dispositions (see the top of this file), then the signals the
+/// master blocked across the fork are unblocked: one that arrived meanwhile is handled now.
+fn own_signals() -> io::Result<()> {
+    let dispositions = [
+        (Signal::SIGTERM, SigHandler::SigDfl),
+        (Signal::SIGCHLD, SigHandler::SigDfl),
+        (Signal::SIGINT, SigHandler::SigIgn),
+        (Signal::SIGQUIT, SigHandler::SigIgn),
+    ];
+    for (sig, handler) in dispositions {
+        // SAFETY: the default action or ignoring installs no handler code, so nothing runs in
+        // signal context; the master's handlers (signal-hook's) were unregistered already.
+        unsafe { signal(sig, handler) }?;
+    }
+    master_signal_set().thread_unblock()?;
+    Ok(())
 }
 
 /// Runs a child's life; its exit code. A panic never unwinds out of here: above this frame
@@ -136,28 +189,9 @@ fn run(name: &str, life: impl FnOnce() -> io::Result<()>) -> i32 {
     }
 }
 
-/// At SIGTERM/SIGINT a thread wakes the connection if it is parked in `read` between
-/// requests (a request in progress is finished first, and one not sent yet keeps the shutdown
-/// grace), and the app answers a held request with what it has now. The thread is spawned
-/// while the master's signals are blocked, so they always reach the main thread, whose
-/// handler only writes to the pipe this thread reads.
-fn on_stop_signal(app: &App, open: &Arc<OpenConns>) -> io::Result<()> {
-    let mut signals = Signals::new(STOP_SIGNALS)?;
-    let (app, open) = (app.clone(), open.clone());
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if signals.forever().next().is_some() {
-                open.stop_reading();
-                app.stop();
-            }
-        })?;
-    Ok(())
-}
-
-/// Whether the master is still there: if it dies, the child gets SIGTERM (it finishes its
-/// connection rather than serve on unsupervised); if it died before that was set up, the child
-/// is now some other process's and exits at once.
+/// Whether the master is still there: if it dies, the child gets SIGTERM and ends (a
+/// PostgreSQL backend, too, ends when the postmaster dies); if it died before that was set up,
+/// the child is now some other process's and exits at once.
 fn supervised(master: Pid) -> bool {
     nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).is_ok() && getppid() == master
 }

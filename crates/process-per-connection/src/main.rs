@@ -28,11 +28,11 @@
 //! ```
 //!
 //! Who owns what. The master opens everything that must be shared before its first fork: the
-//! listening socket, the `/stats` counters in an anonymous shared mapping, and the app (its
-//! journal, and the journal's own mapping). It starts no thread, ever, because fork copies only
-//! the calling thread. A child inherits all of that, drops the listening socket and the
-//! master's signal handlers, and starts its own threads (the journal watcher, the committer, a
-//! signal waiter) after the fork.
+//! listening socket, the `/stats` counters and a stop flag in anonymous shared mappings, and
+//! the app (its journal, and the journal's own mapping). It starts no thread, ever, because
+//! fork copies only the calling thread. A child inherits all of that, drops the listening
+//! socket and the master's signal handlers, and starts its own threads (the journal watcher
+//! and the committer) after the fork.
 //!
 //! Jobs. A child lives only as long as its connection, so it must not run jobs. As the
 //! postmaster forks background workers, the master forks one `jobs` process at start (and again
@@ -44,11 +44,13 @@
 //! at once. At the bound the master stops calling accept(2): new connections complete their
 //! handshake in the kernel and wait in the listen queue until a child exits.
 //!
-//! Signals to the master: SIGTERM or SIGINT, graceful (the master closes the listening socket
-//! and tells every child; each finishes the request in flight and exits; the master exits 0 after
-//! the last one and SIGKILLs stragglers `--shutdown-timeout` + 1 s after the stop); SIGQUIT, or
-//! a second SIGINT, fast (every child is killed at once). A child that dies any other way takes
-//! down only its own connection: the master logs it and frees its slot.
+//! Signals to the master: SIGTERM or SIGINT, graceful (the master closes the listening socket,
+//! raises the stop flag and wakes every child's journal watcher, so each child finishes the
+//! request in flight and exits; the master exits 0 after the last one and SIGKILLs stragglers
+//! `--shutdown-timeout` + 1 s after the stop); SIGQUIT, or a second SIGINT, fast (every child is
+//! killed at once). The children ignore SIGINT and SIGQUIT (Ctrl-C reaches the whole process
+//! group), and SIGTERM ends one child at once, with its connection. A child that dies, however,
+//! takes down only its own connection: the master logs it and frees its slot.
 //!
 //! Trade-offs: the strongest isolation there is (a crash, a leak or a corrupted heap dies with
 //! one connection; a child can drop privileges or `chroot` for one client, as sshd does) and
@@ -127,6 +129,7 @@ fn main() -> io::Result<()> {
         config: ServeConfig::new(PATTERN, &args.server),
         app,
         master: Pid::this(),
+        stop: shared::StopFlag::new()?,
         caught_up: 0,
     };
 

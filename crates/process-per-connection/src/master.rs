@@ -413,9 +413,10 @@ impl Master {
         // queueing for nobody.
         self.listener = None;
         self.jobs.respawn_at = None;
-        for pid in self.every_child() {
-            let _ = kill(pid, Signal::SIGTERM);
-        }
+        // The children learn of it through the flag and their journal watchers, which this
+        // wakes (in every process): the flag first, so that a watcher woken sees it.
+        self.setup.stop.raise();
+        self.setup.app.journal().wake_watchers();
     }
 
     /// SIGQUIT (or a second SIGINT): kill every child now, reap them, exit.

@@ -1,5 +1,6 @@
-//! The counters behind `/stats`, in memory the master and every child share: slot 0 is the
-//! jobs process's, and each connection child writes the slot the master gave it.
+//! What the master and every child share in memory, mapped before the first fork: the
+//! counters behind `/stats` (slot 0 is the jobs process's, and each connection child writes the
+//! slot the master gave it), and the stop flag.
 //!
 //! Children come and go, so a slot is not a process but a place a process occupies while it
 //! lives: the master hands a child the lowest free slot at fork and frees it when it reaps the
@@ -12,7 +13,9 @@
 
 use std::io;
 use std::num::NonZeroUsize;
-use std::sync::atomic::Ordering::Relaxed;
+use std::ptr::NonNull;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 
 use runtime::{Stats, WorkerStats};
 
@@ -44,19 +47,34 @@ pub fn vacate(slot: &WorkerStats) {
     slot.held.store(0, Relaxed);
 }
 
+/// The graceful stop, as every child sees it: the master raises it, then wakes every process's
+/// journal watcher, and each child looks at it when its watcher tells the app's hub.
+#[derive(Clone, Copy)]
+pub struct StopFlag(&'static AtomicBool);
+
+impl StopFlag {
+    pub fn new() -> io::Result<StopFlag> {
+        let flag = shared_mapping(size_of::<AtomicBool>())?.cast::<AtomicBool>();
+        // SAFETY: the new mapping is page-aligned and zeroed, and a zero byte is a valid
+        // AtomicBool (false); it is never unmapped, and atomics may be shared across processes.
+        Ok(StopFlag(unsafe { flag.as_ref() }))
+    }
+
+    pub fn raise(&self) {
+        self.0.store(true, SeqCst);
+    }
+
+    pub fn is_raised(&self) -> bool {
+        self.0.load(SeqCst)
+    }
+}
+
 /// `n` slots in an anonymous shared mapping, made before the first fork so that every child
 /// inherits it.
 fn slots(n: usize) -> io::Result<&'static [WorkerStats]> {
-    let bytes = n
-        .checked_mul(size_of::<WorkerStats>())
-        .and_then(NonZeroUsize::new);
+    let bytes = n.checked_mul(size_of::<WorkerStats>());
     let bytes = bytes.ok_or_else(|| io::Error::other("--max-children: no room for that many"))?;
-    let prot = nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE;
-    // SAFETY: a new anonymous mapping at an address the kernel picks aliases nothing.
-    let base = unsafe {
-        nix::sys::mman::mmap_anonymous(None, bytes, prot, nix::sys::mman::MapFlags::MAP_SHARED)
-    }?;
-    let slots = base.cast::<WorkerStats>();
+    let slots = shared_mapping(bytes)?.cast::<WorkerStats>();
     for i in 0..n {
         // SAFETY: `i < n` slots fit in the mapping, which is page-aligned (more than
         // WorkerStats needs) and not yet shared with anyone.
@@ -66,4 +84,16 @@ fn slots(n: usize) -> io::Result<&'static [WorkerStats]> {
     // process (and every process forked from it). WorkerStats is atomics only, so shared
     // references across processes are sound.
     Ok(unsafe { std::slice::from_raw_parts(slots.as_ptr(), n) })
+}
+
+/// A new anonymous shared mapping of `bytes` (at least one), zeroed: memory every process
+/// forked afterwards shares with this one.
+fn shared_mapping(bytes: usize) -> io::Result<NonNull<std::ffi::c_void>> {
+    let bytes = NonZeroUsize::new(bytes).ok_or_else(|| io::Error::other("an empty mapping"))?;
+    let prot = nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE;
+    // SAFETY: a new anonymous mapping at an address the kernel picks aliases nothing.
+    let base = unsafe {
+        nix::sys::mman::mmap_anonymous(None, bytes, prot, nix::sys::mman::MapFlags::MAP_SHARED)
+    }?;
+    Ok(base)
 }

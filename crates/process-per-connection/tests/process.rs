@@ -237,7 +237,7 @@ fn sigquit_kills_every_child_at_once() {
 /// Sends `signal` while a child is in an 8 s `/block`: the master exits 0 `within`, the
 /// `/block` is cut off, and no process is left in the group. The master's log.
 fn stop_cuts_off_a_block(mut server: Server, signal: i32, within: Duration) -> String {
-    let mut stuck = block_in_flight(&server);
+    let mut stuck = block_in_flight(&server, 8000);
     server.signal(signal);
     match server.wait_exit(within) {
         Some(status) if status.code() == Some(0) => {}
@@ -254,19 +254,47 @@ fn stop_cuts_off_a_block(mut server: Server, signal: i32, within: Duration) -> S
     server.stderr_text()
 }
 
+/// Ctrl-C in a terminal sends SIGINT to the whole process group: the children ignore it and
+/// the master makes it one graceful stop. A `/block` in flight is answered, an idle
+/// keep-alive connection is closed, and the master exits 0.
+#[test]
+fn sigint_to_the_whole_group_is_one_graceful_stop() {
+    let mut server = Server::start(BIN, &[]);
+    let mut idle = Client::connect(server.addr());
+    idle.request(GET_HELLO).assert_status(200);
+    let mut busy = block_in_flight(&server, 1000);
+    // SAFETY: kill has no memory-safety preconditions; the harness made the server the leader
+    // of a process group of its own, which holds only it and its children.
+    let rc = unsafe { libc::kill(-(server.pid() as libc::pid_t), libc::SIGINT) };
+    assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    busy.set_timeout(TIMEOUT);
+    busy.read_response().assert_status(200);
+    idle.expect_closed(TIMEOUT);
+    match server.wait_exit(TIMEOUT) {
+        Some(status) if status.code() == Some(0) => {}
+        Some(status) => panic!(
+            "after SIGINT to the group the master {}",
+            describe_exit(status)
+        ),
+        None => panic!("the master was still running {TIMEOUT:?} after SIGINT"),
+    }
+}
+
 // ---- helpers -----------------------------------------------------------------------------------
 
-/// A connection whose child is inside an 8 s `/block` (its slot counts the request).
-fn block_in_flight(server: &Server) -> Client {
+/// A connection whose child is inside a `/block?ms=MS` (its slot counts the request).
+fn block_in_flight(server: &Server, ms: u64) -> Client {
+    let others = conn_children(server.pid());
     let mut c = Client::connect(server.addr());
     c.request(GET_HELLO).assert_status(200);
-    let child = wait_for(
-        "one conn-N child",
-        || match conn_children(server.pid())[..] {
+    let child = wait_for("its conn-N child", || {
+        let mut new = conn_children(server.pid());
+        new.retain(|c| !others.contains(c));
+        match new[..] {
             [(pid, _)] => Some(pid),
             _ => None,
-        },
-    );
+        }
+    });
     let requests = || {
         let (stats, text) = fetch_stats(server.addr());
         let slot = slots(&stats).into_iter().find(|s| s.pid == child);
@@ -274,7 +302,7 @@ fn block_in_flight(server: &Server) -> Client {
             .requests
     };
     let before = requests();
-    c.send(get("/block?ms=8000"));
+    c.send(get(&format!("/block?ms={ms}")));
     wait_for("the /block to be read", || {
         (requests() > before).then_some(())
     });
