@@ -17,7 +17,7 @@ use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 use runtime::Stats;
-use runtime::listener::{AcceptBackoff, is_out_of_resources};
+use runtime::listener::AcceptBackoff;
 use signal_hook::SigId;
 
 use crate::child::{self, Setup};
@@ -201,8 +201,8 @@ impl Master {
                         e.kind(),
                         io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
                     ) => {}
-                // Out of descriptors: the connection stays queued; retrying now would spin.
-                Err(e) if is_out_of_resources(&e) => self.pause(&format!("accept: {e}")),
+                // Out of descriptors (is_out_of_resources), or worse: the connection stays
+                // queued, and retrying at once would spin.
                 Err(e) => self.pause(&format!("accept: {e}")),
             }
         }
@@ -253,8 +253,9 @@ impl Master {
 
     /// Forks; the child runs `child` and exits with what it returns, never coming back here.
     fn fork(&mut self, child: impl FnOnce(&mut Master) -> i32) -> io::Result<Pid> {
-        // Blocked until the child has put its own handlers in place of the master's, so that
-        // a SIGTERM sent to a brand-new child waits for them instead of being lost.
+        // Blocked until the child has set its own dispositions: a signal that reached a
+        // brand-new child before that (Ctrl-C's SIGINT, to the whole group) would run the
+        // master's handlers there instead.
         master_signal_set().thread_block()?;
         // SAFETY: the master has a single thread (checked at start, and it starts none), so
         // the child is a complete copy of its process, with no lock held by a thread that does
