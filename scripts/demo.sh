@@ -40,6 +40,7 @@ DEMO_LIST=(
     "workers    one pattern at 1, 2, 4, 8, 32 and 128 workers under the same load: where more stop helping"
     "commit     PostgreSQL's synchronous_commit on and off: a crash at a random moment; acknowledged COMMITs lost"
     "replication a primary and a streaming standby: synchronous (remote_apply) vs asynchronous; commit latency, stale reads"
+    "anatomy    one request's timeline from the client, the server's --trace and tcpdump: t0, t1, t50, t51"
 )
 
 QUICK=0

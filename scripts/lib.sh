@@ -5,9 +5,10 @@
 #
 # The sourcing script sets PROG (its name, for messages) and, for the functions that use them,
 # TMP (its temp directory), PROFILE (cargo profile: release, dev or debug, or a custom one),
-# BIN_DIR (from bin_dir), WORKERS, LAUNCH (a command prefix for servers: taskset, a cgroup) and
-# PATTERNS (pattern crates). This file sets ROOT, HZ and LIVE, and the results named in each
-# function's comment (SERVER_PID, SERVER_ADDR, STARTED_ADDR, CLIENT_CPU).
+# BIN_DIR (from bin_dir), WORKERS, LAUNCH (a command prefix for servers: taskset, a cgroup),
+# SERVER_ARGS (more flags for our servers) and PATTERNS (pattern crates). This file sets ROOT,
+# HZ and LIVE, and the results named in each function's comment (SERVER_PID, SERVER_ADDR,
+# STARTED_ADDR, CLIENT_CPU).
 #
 # Server CPU, the one meaning every script here gives it (cpu_ticks): the utime+stime of the
 # server's whole process tree from /proc/PID/stat: every thread of the server and of every
@@ -21,6 +22,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HZ=$(getconf CLK_TCK)
 declare -A LIVE=() # pid -> server, client or strace: every process we started and have not reaped
 LAUNCH=()          # start_target runs servers as "${LAUNCH[@]}" SERVER ...
+SERVER_ARGS=()     # ... and gives our servers these flags after the common ones
 
 # ---------------------------------------------------------------- messages and arguments
 
@@ -267,9 +269,9 @@ EOF
 }
 
 # start_target TARGET DIR: nginx (WORKERS workers, on a free port) or the pattern TARGET from
-# BIN_DIR (--workers WORKERS, on port 0), run through LAUNCH, with its files in DIR; waits
-# until it listens. Sets SERVER_PID and SERVER_ADDR; on failure shows its stderr, stops it and
-# returns 1.
+# BIN_DIR (--workers WORKERS, on port 0, then SERVER_ARGS), run through LAUNCH, with its files
+# in DIR; waits until it listens. Sets SERVER_PID and SERVER_ADDR; on failure shows its stderr,
+# stops it and returns 1.
 start_target() {
     local target=$1 dir=$2 port
     mkdir -p "$dir"
@@ -280,7 +282,7 @@ start_target() {
         "${LAUNCH[@]}" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" 2>"$dir/stderr" >/dev/null &
     else
         "${LAUNCH[@]}" "$BIN_DIR/$target" --addr 127.0.0.1:0 --workers "$WORKERS" --shutdown-timeout 2s \
-            --data-dir "$dir/data" 2>"$dir/stderr" >/dev/null &
+            --data-dir "$dir/data" "${SERVER_ARGS[@]}" 2>"$dir/stderr" >/dev/null &
     fi
     # bash -c and taskset exec, so $! is the server itself.
     SERVER_PID=$!

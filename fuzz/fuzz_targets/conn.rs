@@ -8,6 +8,10 @@
 //! * **whole**: fed as one piece (as far as the buffer takes it), replies released last-first,
 //!   output taken whole.
 //!
+//! Requests to a path starting `/up` get their body streamed (`Conn::body_chunk`), taken in
+//! pieces of random size in the split run, whole in the other; they are answered by plan once
+//! the body is done, and those whose body broke are answered 499 (or by proto's own error).
+//!
 //! Every request is answered by a plan that depends only on its index: at once, later, or as a
 //! stream of chunks (head filed at once or later). Each reply carries `X-Req: <index>` and a
 //! body that names its index, so the output can be parsed back and checked:
@@ -42,7 +46,9 @@ use std::time::{Duration, Instant};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use libfuzzer_sys::fuzz_target;
-use proto::{CommonHeaders, Config, Conn, Limits, ReqId, Response, Timeouts, http_date};
+use proto::{
+    BodyChunk, CommonHeaders, Config, Conn, Limits, ReqId, Response, Timeouts, http_date,
+};
 
 const PARAMS: usize = 8;
 
@@ -80,6 +86,7 @@ impl Params {
                 max_head: 16 + usize::from(p[0]) * 8,
                 max_target: 1 + usize::from(p[1]) * 2,
                 max_body: usize::from(p[2]) * 16,
+                max_upload: u64::from(p[2]) * 16,
                 max_pipeline: 1 + usize::from(p[3] & 7),
                 ..Limits::default()
             }
@@ -190,7 +197,13 @@ fn config(limits: Limits) -> Arc<Config> {
         send: Duration::from_secs(86_400),
         ..Timeouts::default()
     };
-    Arc::new(Config { limits, timeouts })
+    Arc::new(Config {
+        limits,
+        timeouts,
+        stream_body: |_, path| path.starts_with("/up"),
+        // The timelines are dropped; tracing runs to be checked for panics.
+        trace: Some(|_| {}),
+    })
 }
 
 fn strict() -> bool {
@@ -257,6 +270,10 @@ struct Driver<'a> {
     finished_at: Option<usize>,
     /// `stop_reading()` was called when this many requests had been handed out.
     stop: Option<usize>,
+    /// The request whose body is being streamed, and its index.
+    streaming: Option<(ReqId, usize)>,
+    /// Requests whose streamed body broke: answered 499 (if proto did not answer first).
+    broken: Vec<usize>,
 }
 
 impl<'a> Driver<'a> {
@@ -277,6 +294,8 @@ impl<'a> Driver<'a> {
             output: Vec::new(),
             finished_at: None,
             stop: None,
+            streaming: None,
+            broken: Vec::new(),
         }
     }
 
@@ -291,9 +310,48 @@ impl<'a> Driver<'a> {
         r.with_header("X-Req", index.to_string())
     }
 
+    /// Takes what a streamed body has buffered: all of it, or a random part in the split run.
+    /// Returns whether anything happened.
+    fn pump_body(&mut self) -> bool {
+        let mut progress = false;
+        while let Some((id, index)) = self.streaming {
+            match self.conn.body_chunk() {
+                BodyChunk::Data(d) => {
+                    assert!(!d.is_empty(), "an empty piece");
+                    let n = if self.split {
+                        1 + self.rng.below(d.len())
+                    } else {
+                        d.len()
+                    };
+                    self.seen[index].body.extend_from_slice(&d[..n]);
+                    self.conn.consume_body(n);
+                }
+                BodyChunk::Wait => break,
+                BodyChunk::Done => {
+                    trace!("[{}] body of {index} done", self.split);
+                    self.streaming = None;
+                    self.answer(id, index);
+                }
+                BodyChunk::Broken => {
+                    trace!("[{}] body of {index} broke", self.split);
+                    self.streaming = None;
+                    self.broken.push(index);
+                    let head = self.seen[index].method == "HEAD";
+                    self.expected
+                        .push(if head { Vec::new() } else { b"broken".to_vec() });
+                    let mut r = Response::text(499, "broken");
+                    r.close = true;
+                    self.conn.respond(id, r.with_header("X-Req", index.to_string()));
+                }
+            }
+            progress = true;
+        }
+        progress
+    }
+
     /// Takes every request the connection hands out. Returns how many.
     fn take_requests(&mut self) -> usize {
-        let mut n = 0;
+        let mut n = usize::from(self.pump_body());
         while let Some(req) = self.conn.next_request() {
             // Exercise the accessors (they must not panic).
             let _ = (req.path(), req.query(), req.query_param("a"), req.is_head());
@@ -319,8 +377,22 @@ impl<'a> Driver<'a> {
                 http10: req.version == proto::Version::Http10,
                 keep_alive: req.keep_alive,
             });
-            let id = req.id;
+            let (id, streamed) = (req.id, req.streamed);
             self.ids.push(id);
+            n += 1;
+            if streamed {
+                self.streaming = Some((id, index));
+                self.pump_body();
+                continue;
+            }
+            self.answer(id, index);
+        }
+        n
+    }
+
+    /// Answers request `index` by its plan (its body is all in).
+    fn answer(&mut self, id: ReqId, index: usize) {
+        {
             let plan = plan(self.params.seed, index);
             trace!("[{}]   plan {plan:?}", self.split);
             // No body in the reply: a HEAD request, or a status that has none.
@@ -367,14 +439,13 @@ impl<'a> Driver<'a> {
                     expected.extend_from_slice(&chunk(index, j));
                 }
             }
+            assert_eq!(self.expected.len(), index);
             self.expected.push(expected);
             let done = plan.mode == Mode::Now;
             if !done {
                 self.pending.push(pending);
             }
-            n += 1;
         }
-        n
     }
 
     /// One step of pending entry `i`: file the head, push a chunk, or end the stream.
@@ -530,10 +601,14 @@ impl<'a> Driver<'a> {
             }
         }
         assert!(self.pending.is_empty());
-        assert_eq!(self.conn.owed(), 0, "a reply is still owed");
+        // A streamed body still arriving owes its request's reply.
+        let owed = usize::from(self.streaming.is_some());
+        assert_eq!(self.conn.owed(), owed, "a reply is still owed");
+        assert_eq!(self.conn.body_pending(), self.streaming.is_some());
         if ended {
             // After stop_reading, a request partly received is still read to its end.
-            let partial = self.stop.is_some() && self.conn.has_partial_request();
+            let partial = self.stop.is_some()
+                && (self.conn.has_partial_request() || self.streaming.is_some());
             assert!(
                 self.conn.is_finished() || (partial && self.conn.wants_read()),
                 "ended but not finished"
@@ -676,6 +751,9 @@ fn parse_output(out: &[u8], seen: &[Seen]) -> Vec<Reply> {
                 "{status} with framing: {head:?}"
             );
         }
+        // An error reply to a streamed HEAD request (its body broke) has no body either; it is
+        // always the last reply, so an output that ends with its head says so.
+        let head_only = head_only || (index.is_none() && pos == out.len());
         let body = if no_body || head_only {
             Vec::new()
         } else if chunked {
@@ -752,6 +830,12 @@ fn check_run(d: &Driver, input: &[u8]) -> Vec<Reply> {
             Some(i) => {
                 assert_eq!(i, next_index, "reply out of order: {}", ctx());
                 next_index += 1;
+                if d.broken.contains(&i) {
+                    assert_eq!(r.status, 499, "reply to a broken body: {}", ctx());
+                    assert_eq!(r.body, d.expected[i], "body of reply {i}: {}", ctx());
+                    assert!(r.close && last, "a broken body's reply closes: {}", ctx());
+                    continue;
+                }
                 let plan = plan(d.params.seed, i);
                 let seen = &d.seen[i];
                 assert_eq!(r.status, plan.status);
@@ -774,9 +858,10 @@ fn check_run(d: &Driver, input: &[u8]) -> Vec<Reply> {
     }
     let closed = replies.last().is_some_and(|r| r.close);
     if !closed {
+        // (Only a request whose streamed body is still arriving may be owed.)
         assert_eq!(
             next_index,
-            d.seen.len(),
+            d.seen.len() - usize::from(d.streaming.is_some()),
             "a request without a reply: {}",
             ctx()
         );

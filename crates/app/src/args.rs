@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use flags::{duration, positive};
+use flags::{duration, positive, size};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct AppArgs {
@@ -42,10 +42,34 @@ pub struct AppArgs {
     #[arg(long, default_value = "15s", value_parser = duration)]
     pub sse_keep_alive: Duration,
 
+    /// POST /jobs and POST /messages without an Idempotency-Key get 400.
+    #[arg(long)]
+    pub require_idempotency_key: bool,
+
+    /// An Idempotency-Key is remembered this long after its first use.
+    #[arg(long, default_value = "24h", value_parser = duration)]
+    pub idempotency_ttl: Duration,
+
     /// A job whose process stops renewing its lease this long is taken over by another
     /// process (or by the restarted server): jobs run at least once.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub job_lease: Duration,
+
+    /// Largest upload (tus `Tus-Max-Size`, and any streamed request body); larger gets 413.
+    #[arg(long, default_value = "8G", value_parser = upload_size)]
+    pub max_upload: u64,
+
+    /// An unfinished upload untouched this long expires (tus `Upload-Expires`): 410, and its
+    /// bytes are deleted.
+    #[arg(long, default_value = "24h", value_parser = duration)]
+    pub upload_expiry: Duration,
+}
+
+fn upload_size(s: &str) -> Result<u64, String> {
+    match size(s)? {
+        0 => Err("must be more than zero".into()),
+        n => Ok(n as u64),
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

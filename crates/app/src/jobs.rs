@@ -20,9 +20,10 @@ use journal::Tx;
 use proto::Response;
 
 use crate::hub::lock;
+use crate::idempotency::Written;
 use crate::messages::{MAX_WAIT, wait_param};
 use crate::problem::{json, problem};
-use crate::records::{self, Job, Lease, Owner, Status, Work, now_ms};
+use crate::records::{self, Job, Key, Lease, Owner, Status, Work, now_ms};
 use crate::reply::{Pending, Reply, Wait};
 use crate::task::burn_cpu;
 use crate::{App, AppArgs, Routable};
@@ -94,7 +95,7 @@ impl Jobs {
     }
 
     /// This process, as a job owner (the pid is read each time: it changes across fork).
-    fn me(&self) -> Owner {
+    pub(crate) fn me(&self) -> Owner {
         Owner {
             boot: self.boot,
             pid: std::process::id(),
@@ -187,8 +188,12 @@ impl App {
             .with_header("Retry-After", "1")
             .into();
         }
-        let created = self.journal().begin().and_then(|mut tx| {
+        self.keyed_write(req, |app, tx, key| {
             let id = tx.last_seq() + 1;
+            let key = key.map(|key| Key {
+                waits: prefer_wait.is_some(),
+                ..key
+            });
             let job = Job {
                 id,
                 status: Status::Queued,
@@ -203,32 +208,31 @@ impl App {
                 owner: jobs.owner_for_new(),
                 lease_until_ms: jobs.lease_until(),
                 attempts: 0,
+                key: key.clone(),
             };
-            let seq = self.append(&mut tx, records::JOB, &job_payload(&job, input))?;
-            Ok((job, seq))
-        });
-        let (job, seq) = match created {
-            Ok(created) => created,
-            Err(e) => return problem(500, format!("appending to the journal: {e}")).into(),
-        };
-        if jobs.role() == JobRole::Run {
-            jobs.push([job.id]);
-        }
-        match prefer_wait {
-            Some(wait) => {
-                self.inner.commit.want(seq);
-                Reply::Later(Pending {
-                    app: self.clone(),
-                    wait: Wait::Job {
-                        id: job.id,
-                        durable: seq,
-                        accepted: true,
-                    },
-                    until: Some(Instant::now() + wait),
-                })
+            let seq = app.append(tx, records::JOB, &job_payload(&job, input))?;
+            if jobs.role() == JobRole::Run {
+                jobs.push([job.id]);
             }
-            None => self.after_commit(seq, accepted_reply(&job)),
-        }
+            Ok(match prefer_wait {
+                Some(wait) => {
+                    app.inner.commit.want(seq);
+                    Written::Later {
+                        wait: Wait::Job {
+                            id: job.id,
+                            durable: seq,
+                            accepted: true,
+                            key,
+                        },
+                        until: Instant::now() + wait,
+                    }
+                }
+                None => Written::Now {
+                    seq,
+                    reply: accepted_reply(&job),
+                },
+            })
+        })
     }
 
     #[inline(never)]
@@ -248,6 +252,7 @@ impl App {
                     id,
                     durable: 0,
                     accepted: false,
+                    key: None,
                 },
                 until: wait.map(|w| Instant::now() + w),
             }),
@@ -571,8 +576,17 @@ pub(crate) fn split_payload(payload: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
+impl App {
+    /// The 202 for job `id` as it stands now (a waiting request whose client left gets this as
+    /// its key's final reply).
+    pub(crate) fn accepted_now(&self, id: u64) -> Option<Response> {
+        let view = self.view();
+        view.jobs.get(&id).map(|e| accepted_reply(&e.job))
+    }
+}
+
 /// 202, with where to poll and how soon.
-fn accepted_reply(job: &Job) -> Response {
+pub(crate) fn accepted_reply(job: &Job) -> Response {
     json(202, &job.public())
         .with_header("Location", format!("/jobs/{}", job.id))
         .with_header("Retry-After", "1")

@@ -19,6 +19,10 @@
 //! | `GET /messages?after=N[&wait=]` | the messages after N: short poll, or long poll          |
 //! | `GET /events[?type=message]`    | Server-Sent Events: every record from now (or after     |
 //! |                                 | `Last-Event-ID`), as it is appended                     |
+//! | `OPTIONS/POST /files/`          | tus 1.0.0 resumable uploads: create (201 + `Location`)  |
+//! | `HEAD/PATCH/DELETE /files/ID`   | its offset; bytes at an offset, streamed to disk; delete|
+//! | `GET /files/ID`                 | a finished upload's bytes                               |
+//! | `POST /upload`                  | a plain streamed upload (not resumable): size, SHA-256  |
 //!
 //! Every job and message is a record in one [`journal`] that all the server's threads and
 //! processes share; each process keeps a view of it (jobs' states, recent events) that catches
@@ -28,6 +32,7 @@ mod args;
 mod commit;
 mod events;
 mod hub;
+mod idempotency;
 mod jobs;
 mod messages;
 mod problem;
@@ -35,6 +40,7 @@ mod records;
 mod reply;
 pub mod stats;
 mod task;
+mod upload;
 mod view;
 
 use std::io;
@@ -51,6 +57,7 @@ pub use jobs::JobRole;
 pub use reply::{Pending, Reply, Stream};
 pub use stats::{EXTRA_COUNTERS, Stats, WorkerStats};
 pub use task::{MAX_BLOCK_MS, MAX_WORK_US, Task};
+pub use upload::{BodySink, TUS_VERSION, streams_body};
 pub use view::{Event, EventKind};
 
 use problem::problem;
@@ -67,7 +74,13 @@ const KNOWN_METHODS: [&str; 9] = [
 
 /// Every request header routing reads: a copy of a request made to cross to another thread
 /// needs only these.
-pub const ROUTED_HEADERS: &[&str] = &["content-type", "prefer", "last-event-id"];
+pub const ROUTED_HEADERS: &[&str] = &[
+    "content-type",
+    "prefer",
+    "last-event-id",
+    "idempotency-key",
+    "tus-resumable",
+];
 
 /// What routing decided.
 pub enum Route {
@@ -84,6 +97,8 @@ pub trait Routable {
     fn method(&self) -> &str;
     /// The path, without the query.
     fn path(&self) -> &str;
+    /// The query (after `?`), if any.
+    fn query(&self) -> Option<&str>;
     /// The value of query parameter `name`, undecoded.
     fn query_param(&self, name: &str) -> Option<&str>;
     /// The first header named `name` (case-insensitive).
@@ -97,6 +112,9 @@ impl Routable for Request<'_> {
     }
     fn path(&self) -> &str {
         Request::path(self)
+    }
+    fn query(&self) -> Option<&str> {
+        Request::query(self)
     }
     fn query_param(&self, name: &str) -> Option<&str> {
         Request::query_param(self, name)
@@ -126,6 +144,10 @@ struct Inner {
     stopping: AtomicBool,
     /// `--sse-keep-alive`: a silent event stream sends a comment this often.
     sse_keep_alive: std::time::Duration,
+    /// `--require-idempotency-key`, `--idempotency-ttl`.
+    require_key: bool,
+    key_ttl: std::time::Duration,
+    uploads: upload::Uploads,
 }
 
 impl App {
@@ -147,6 +169,13 @@ impl App {
             e => io::Error::other(format!("--data-dir {}: {e}", dir.display())),
         })?;
         eprintln!("{pattern}: {recovery}");
+        let uploads = upload::Uploads::open(
+            &dir,
+            args.max_upload,
+            args.upload_expiry,
+            args.commit == Commit::Sync,
+        )
+        .map_err(|e| io::Error::other(format!("--data-dir {}: uploads: {e}", dir.display())))?;
         let journal = Arc::new(journal);
         let mut view = View::default();
         view.catch_up(&journal);
@@ -161,6 +190,9 @@ impl App {
                 hub: Hub::default(),
                 stopping: AtomicBool::new(false),
                 sse_keep_alive: args.sse_keep_alive,
+                require_key: args.require_idempotency_key,
+                key_ttl: args.idempotency_ttl,
+                uploads,
             }),
         })
     }
@@ -261,6 +293,8 @@ impl App {
             ("/messages", true) => self.get_messages(req),
             ("/events", true) => self.get_events(req),
             ("/messages", _) if method == "POST" => self.post_message(req),
+            ("/files" | "/upload", _) => self.files(req),
+            (p, _) if p.starts_with("/files/") => self.files(req),
             (p, _) if p.starts_with("/jobs/") => match method {
                 "GET" | "HEAD" => self.get_job(req, &p["/jobs/".len()..]),
                 "DELETE" => self.delete_job(&p["/jobs/".len()..]),
@@ -311,7 +345,10 @@ impl App {
             .with_header("X-Accel-Buffering", "no");
         let stream = Stream {
             app: self.clone(),
-            kind: StreamKind::Stats { interval },
+            kind: StreamKind::Stats {
+                interval,
+                started: false,
+            },
             next: Some(Instant::now()),
         };
         Reply::Stream(head, stream)
@@ -326,8 +363,8 @@ impl App {
             "\"hub\":{{\"subscribers\":{},\"notifications\":{}}},\
              \"jobs\":{{\"queued\":{queued},\"running\":{running}}},\
              \"journal\":{{\"head\":{},\"durable\":{},\"first_seq\":{},\"appends\":{},\
-             \"fdatasyncs\":{},\"synced_records\":{},\"segments_rolled\":{},\
-             \"segments_deleted\":{}}}",
+             \"fdatasyncs\":{},\"synced_records\":{},\"fdatasyncs_per_record\":{:.3},\
+             \"segments_rolled\":{},\"segments_deleted\":{}}}",
             self.inner.hub.subscribers(),
             self.inner.hub.notifications(),
             j.head,
@@ -336,6 +373,8 @@ impl App {
             j.appends,
             j.fdatasyncs,
             j.synced_records,
+            // Group commit: one fdatasync makes every record written before it durable.
+            j.fdatasyncs as f64 / j.synced_records.max(1) as f64,
             j.segments_rolled,
             j.segments_deleted
         );
@@ -356,12 +395,19 @@ impl App {
         Reply::Stream(Response::stream(200, "text/plain"), stream)
     }
 
-    /// Appends a record in `tx`. When it opened a new segment, the live state (unfinished
-    /// jobs) is appended again after it, so that retention can delete old segments safely.
+    /// This process, as the owner of what it takes on (jobs, first requests of keys).
+    fn owner(&self) -> records::Owner {
+        self.inner.jobs.me()
+    }
+
+    /// Appends a record in `tx`. When it opened a new segment, the live state (unfinished jobs,
+    /// unexpired idempotency keys) is appended again after it, so that retention can delete old
+    /// segments safely.
     fn append(&self, tx: &mut journal::Tx<'_>, kind: u8, payload: &[u8]) -> io::Result<u64> {
         let appended = tx.append(kind, payload)?;
         if appended.rolled {
             self.carry_jobs_forward(tx)?;
+            self.carry_keys_forward(tx)?;
         }
         Ok(appended.seq)
     }
@@ -405,7 +451,14 @@ impl App {
                 id,
                 durable,
                 accepted,
-            } => self.poll_job(*id, *durable, *accepted, expired),
+                key,
+            } => {
+                let reply = self.poll_job(*id, *durable, *accepted, expired)?;
+                if let Some(key) = key.take() {
+                    self.record_final(key, &reply);
+                }
+                Some(reply)
+            }
         }
     }
 }
@@ -432,7 +485,7 @@ fn echo<R: Routable + ?Sized>(req: &R) -> Response {
     Response::owned(200, content_type, req.body().to_vec())
 }
 
-fn not_allowed(allow: &'static str) -> Response {
+pub(crate) fn not_allowed(allow: &'static str) -> Response {
     Response::text(405, "Method Not Allowed\n").with_header("Allow", allow)
 }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use proto::Response;
 
+use crate::idempotency::Written;
 use crate::problem::{json, problem};
 use crate::records::{self, Message, now_ms};
 use crate::reply::{Pending, Reply, Wait};
@@ -31,19 +32,19 @@ impl App {
         let Ok(text) = std::str::from_utf8(body) else {
             return problem(400, "a message is UTF-8 text").into();
         };
-        let record = Message {
-            ts_ms: now_ms(),
-            body: text.to_string(),
-        };
-        let payload = serde_json::to_vec(&record).expect("a message serializes");
-        let appended = self
-            .journal()
-            .begin()
-            .and_then(|mut tx| self.append(&mut tx, records::MESSAGE, &payload));
-        match appended {
-            Ok(seq) => self.after_commit(seq, json(201, &serde_json::json!({ "seq": seq }))),
-            Err(e) => problem(500, format!("appending to the journal: {e}")).into(),
-        }
+        self.keyed_write(req, |app, tx, key| {
+            let record = Message {
+                ts_ms: now_ms(),
+                body: text.to_string(),
+                key,
+            };
+            let payload = serde_json::to_vec(&record).expect("a message serializes");
+            let seq = app.append(tx, records::MESSAGE, &payload)?;
+            Ok(Written::Now {
+                seq,
+                reply: message_created(seq),
+            })
+        })
     }
 
     #[inline(never)]
@@ -103,6 +104,11 @@ impl App {
         };
         (!events.is_empty() || expired).then(|| messages_reply(head, &events))
     }
+}
+
+/// 201, `{"seq": N}`: what `POST /messages` answers (and a retry with its key, again).
+pub(crate) fn message_created(seq: u64) -> Response {
+    json(201, &serde_json::json!({ "seq": seq }))
 }
 
 /// `{"head": H, "messages": [...]}`, from events already in JSON.

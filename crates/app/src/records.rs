@@ -10,11 +10,48 @@ pub const MESSAGE: u8 = 1;
 pub const JOB: u8 = 2;
 /// A process renews the leases of every job it holds, in one record.
 pub const LEASE: u8 = 4;
+/// An idempotency key's reply: the final one of a `Prefer: wait` job, or any live key carried
+/// into a new segment.
+pub const IDEMPOTENCY: u8 = 5;
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub ts_ms: u64,
     pub body: String,
+    /// The Idempotency-Key it was posted with: in the same record as what it protects, so a
+    /// crash can never leave one without the other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Key>,
+}
+
+/// An Idempotency-Key and what it was first used for.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Key {
+    pub key: String,
+    /// SHA-256 of the request's method, target and body, hex.
+    pub fingerprint: String,
+    pub expires_ms: u64,
+    /// The process that answers the first request.
+    pub by: Owner,
+    /// The first request waits (`Prefer: wait`): its reply is final only when recorded.
+    #[serde(default)]
+    pub waits: bool,
+}
+
+/// A reply as sent, to be sent again to a retry with the same key.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct StoredReply {
+    pub status: u16,
+    pub content_type: String,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// An IDEMPOTENCY record.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct KeyReply {
+    pub key: Key,
+    pub reply: StoredReply,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +106,9 @@ pub struct Job {
     pub lease_until_ms: u64,
     /// Runs begun so far: more than one after a takeover.
     pub attempts: u32,
+    /// The Idempotency-Key it was created with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Key>,
 }
 
 impl Job {

@@ -16,6 +16,9 @@ pub enum Reply {
     Later(Pending),
     /// A streamed reply: send the head now, then whatever each poll produces.
     Stream(Response, Stream),
+    /// The reply comes once the request's body, fed to the sink as it arrives, has ended (an
+    /// upload: see [`BodySink::feed`](crate::BodySink::feed)).
+    Body(Box<crate::BodySink>),
 }
 
 impl From<Response> for Reply {
@@ -38,12 +41,28 @@ pub(crate) enum Wait {
     /// A long poll of /messages.
     Messages { after: u64, limit: usize },
     /// A job's final state: a long poll of /jobs/ID, or `Prefer: wait` on POST /jobs. Until
-    /// the job finishes, nothing is sent before `durable` is on disk.
+    /// the job finishes, nothing is sent before `durable` is on disk. With the request's
+    /// Idempotency-Key, whose final reply is recorded when it is sent.
     Job {
         id: u64,
         durable: u64,
         accepted: bool,
+        key: Option<crate::records::Key>,
     },
+}
+
+impl Drop for Pending {
+    /// A `Prefer: wait` whose client went away before the reply: its key still gets a final
+    /// reply (the 202 its job's creation implies), or retries would get 409 for as long as
+    /// this process lives.
+    fn drop(&mut self) {
+        if let Wait::Job { id, key, .. } = &mut self.wait
+            && let Some(key) = key.take()
+            && let Some(reply) = self.app.accepted_now(*id)
+        {
+            self.app.record_final(key, &reply);
+        }
+    }
 }
 
 impl Pending {
@@ -72,7 +91,13 @@ pub(crate) enum StreamKind {
     /// `GET /events`: the journal, as Server-Sent Events.
     Events(crate::events::Events),
     /// `GET /stats/stream`: `/stats` as an event every `interval`.
-    Stats { interval: std::time::Duration },
+    Stats {
+        interval: std::time::Duration,
+        /// `retry:` went first.
+        started: bool,
+    },
+    /// `GET /files/ID`: a finished upload, read as the peer takes it.
+    File(crate::upload::FileStream),
 }
 
 impl Stream {
@@ -93,9 +118,14 @@ impl Stream {
                 let app = self.app.clone();
                 app.poll_events(ev, &mut self.next, now, out, budget)
             }
-            StreamKind::Stats { interval } => {
+            StreamKind::Stats { interval, started } => {
                 if self.app.is_stopping() {
                     return false;
+                }
+                if !*started {
+                    // A page reconnects a second after a restart, not the browser's default 3.
+                    out.extend_from_slice(b"retry: 1000\n\n");
+                    *started = true;
                 }
                 if self.next.is_none_or(|due| now >= due) {
                     out.extend_from_slice(b"event: stats\ndata: ");
@@ -104,6 +134,12 @@ impl Stream {
                     self.next = Some(now + *interval);
                 }
                 true
+            }
+            StreamKind::File(file) => {
+                let more = file.poll(out, budget, self.app.is_stopping());
+                // More to read: again as soon as the peer takes this.
+                self.next = more.then_some(now);
+                more
             }
         }
     }

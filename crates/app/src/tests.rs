@@ -23,9 +23,11 @@ impl Routable for Copied {
     fn path(&self) -> &str {
         self.target.split('?').next().unwrap_or_default()
     }
+    fn query(&self) -> Option<&str> {
+        self.target.split_once('?').map(|(_, q)| q)
+    }
     fn query_param(&self, name: &str) -> Option<&str> {
-        let (_, query) = self.target.split_once('?')?;
-        proto::query_param(query, name)
+        proto::query_param(self.query()?, name)
     }
     fn header(&self, name: &str) -> Option<&[u8]> {
         let found = self
@@ -111,6 +113,7 @@ fn summary(route: Route) -> String {
         Route::Ready(Reply::Now(r)) => describe(&r),
         Route::Ready(Reply::Later(_)) => "<later>".into(),
         Route::Ready(Reply::Stream(head, _)) => format!("<stream> {}", describe(&head)),
+        Route::Ready(Reply::Body(_)) => "<takes the body>".into(),
     }
 }
 
@@ -118,7 +121,7 @@ fn describe(r: &Response) -> String {
     let body = match &r.body {
         Body::Static(b) => b.to_vec(),
         Body::Owned(b) => b.clone(),
-        Body::Stream => b"<stream>".to_vec(),
+        Body::Stream | Body::Sized(_) => b"<stream>".to_vec(),
     };
     format!(
         "{} {} {:?} {}",
@@ -277,7 +280,7 @@ fn bad_requests_get_a_problem() {
         ),
         (b"GET /jobs/nope HTTP/1.1\r\nHost: x\r\n\r\n", 404),
         (b"GET /messages?after=x HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-        (b"GET /messages?wait=5h HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET /messages?wait=5d HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         (
             b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n\xff",
             400,

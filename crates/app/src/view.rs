@@ -9,8 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use journal::{Journal, ReadError, Record};
 
-use crate::jobs::split_payload;
-use crate::records::{self, Job, Lease, Message, Status};
+use crate::idempotency::KeyEntry;
+use crate::jobs::{accepted_reply, split_payload};
+use crate::messages::message_created;
+use crate::records::{self, Job, KeyReply, Lease, Message, Status, StoredReply};
 
 /// Recent events kept formatted, at most this many...
 const RING_EVENTS: usize = 8192;
@@ -69,6 +71,8 @@ pub(crate) struct View {
     first: u64,
     /// The ids of the queued jobs.
     queued: std::collections::BTreeSet<u64>,
+    /// Idempotency keys and their first replies.
+    pub keys: HashMap<String, KeyEntry>,
 }
 
 pub(crate) struct JobEntry {
@@ -116,6 +120,12 @@ impl View {
                 Ok(m) => {
                     let json = serde_json::json!({"seq": seq, "ts_ms": m.ts_ms, "body": m.body});
                     self.push_event(Event::new(seq, EventKind::Message, json.to_string()));
+                    if let Some(key) = m.key {
+                        let reply = StoredReply::of(&message_created(seq));
+                        self.keys
+                            .entry(key.key.clone())
+                            .or_insert(KeyEntry { key, reply, seq });
+                    }
                 }
                 Err(e) => unreadable(seq, kind, &e),
             },
@@ -132,6 +142,19 @@ impl View {
                         self.queued.insert(job.id);
                     } else {
                         self.queued.remove(&job.id);
+                    }
+                    // The job's first record implies its key's first reply (a 202), final
+                    // unless the request waits for the job.
+                    if let Some(key) = &job.key
+                        && !self.keys.contains_key(&key.key)
+                    {
+                        let reply = StoredReply::of(&accepted_reply(&job));
+                        let entry = KeyEntry {
+                            key: key.clone(),
+                            reply,
+                            seq,
+                        };
+                        self.keys.insert(key.key.clone(), entry);
                     }
                     self.jobs.insert(job.id, JobEntry { job, seq });
                 }
@@ -150,7 +173,18 @@ impl View {
                 }
                 Err(e) => unreadable(seq, kind, &e),
             },
-            // Inputs are read by the job's runner, by seq; kinds of later features are theirs.
+            records::IDEMPOTENCY => match serde_json::from_slice::<KeyReply>(payload) {
+                Ok(r) => {
+                    let entry = KeyEntry {
+                        key: r.key,
+                        reply: r.reply,
+                        seq,
+                    };
+                    self.keys.insert(entry.key.key.clone(), entry);
+                }
+                Err(e) => unreadable(seq, kind, &e),
+            },
+            // Kinds of later features are theirs.
             _ => {}
         }
     }
@@ -173,6 +207,9 @@ impl View {
             self.first = first_seq;
             self.jobs
                 .retain(|_, e| e.seq >= first_seq || !e.job.status.is_finished());
+            // Expired keys go too (live ones were carried into the new segment).
+            let now = crate::records::now_ms();
+            self.keys.retain(|_, e| e.key.expires_ms > now);
         }
     }
 

@@ -11,9 +11,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 mod app;
+mod crash;
+mod idempotency;
 mod push;
+mod upload;
 pub use app::*;
+pub use crash::*;
+pub use idempotency::*;
 pub use push::*;
+pub use upload::*;
 
 use crate::client::{Client, DEFAULT_TIMEOUT, Expect, ReadError, Response, preview};
 use crate::json::{self, Value};

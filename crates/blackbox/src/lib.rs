@@ -120,6 +120,20 @@ macro_rules! suite {
             sse_keep_alive_comment,
             sse_ends_cleanly_at_sigterm,
             stats_stream_every_interval,
+            idempotency_replays_the_first_reply,
+            idempotency_different_request_is_422,
+            idempotency_in_flight_is_409,
+            idempotency_bad_or_missing_key_is_400,
+            idempotency_survives_a_restart,
+            tus_options_and_version,
+            tus_upload_in_pieces_and_download,
+            tus_rejects_bad_requests,
+            tus_cut_connection_keeps_what_arrived,
+            tus_one_patch_at_a_time,
+            tus_defer_length_and_creation_with_upload,
+            tus_concatenation_out_of_order,
+            tus_termination_and_expiry,
+            plain_upload_streams_past_max_body,
         );
     };
     ($bin:expr $(,)?) => {

@@ -182,6 +182,11 @@ impl Server {
         self.addr
     }
 
+    /// The data directory this harness made for the server (`None` if the test gave one).
+    pub fn data_dir(&self) -> Option<&std::path::Path> {
+        self.own_data_dir.as_deref()
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -202,6 +207,17 @@ impl Server {
 
     /// Sends signal `sig` (e.g. `libc::SIGTERM`) to the server process.
     #[track_caller]
+    /// SIGKILLs the server and every process it forked (its process group) at once, as a crash
+    /// or a power cut would stop them, and reaps it.
+    pub fn kill_all(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions; the negative pid names the process
+        // group this server leads (spawned with process_group(0)).
+        unsafe { libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL) };
+        if let Ok(status) = self.child.wait() {
+            self.exit = Some(status);
+        }
+    }
+
     pub fn signal(&self, sig: i32) {
         assert!(
             self.exit.is_none(),

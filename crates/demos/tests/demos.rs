@@ -224,6 +224,18 @@ fn workers() {
 }
 
 #[test]
+fn anatomy() {
+    if let Some(verdict) = demo("anatomy") {
+        for request in ["GET / ", "GET /work?us=2000 ", "POST /echo "] {
+            assert!(
+                verdict.contains(request),
+                "no timeline for {request}: {verdict}"
+            );
+        }
+    }
+}
+
+#[test]
 fn commit() {
     if let Some(verdict) = demo("commit") {
         // "synchronous_commit=on: N commits/s, lost L of A acknowledged COMMITs; off: ..."

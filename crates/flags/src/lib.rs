@@ -53,7 +53,7 @@ pub fn size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| "too large".to_string())
 }
 
-/// A duration: `250ms`, `10s`, `2m`, or a plain number of seconds; more than zero.
+/// A duration: `250ms`, `10s`, `2m`, `24h`, or a plain number of seconds; more than zero.
 pub fn duration(s: &str) -> Result<Duration, String> {
     match duration_or_zero(s)? {
         Duration::ZERO => Err("must be more than zero".into()),
@@ -74,7 +74,8 @@ pub fn duration_or_zero(s: &str) -> Result<Duration, String> {
         "ms" => n / 1000.0,
         "" | "s" => n,
         "m" => n * 60.0,
-        _ => return Err(format!("unknown unit {unit:?}: use ms, s or m")),
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit {unit:?}: use ms, s, m or h")),
     };
     if !(0.0..1e9).contains(&secs) {
         return Err("out of range".into());
@@ -95,6 +96,7 @@ mod tests {
         assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(duration("2"), Ok(Duration::from_secs(2)));
         assert_eq!(duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert!(duration("0").is_err() && duration("5h").is_err() && duration("x").is_err());
+        assert_eq!(duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert!(duration("0").is_err() && duration("5d").is_err() && duration("x").is_err());
     }
 }

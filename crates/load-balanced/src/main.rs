@@ -148,6 +148,12 @@ struct Dispatch {
 
 impl Handler for Dispatch {
     fn handle(&mut self, req: &Request<'_>, origin: Origin) -> Option<Reply> {
+        if runtime::streams_body(req.method, req.path()) {
+            // An upload's body arrives on this thread, after its head: routed here too (it
+            // opens a file; the bytes then go to it as this loop reads them).
+            self.stats.add_extra(EXECUTED, 1);
+            return Some(self.app.handle_inline(req));
+        }
         let work = if self.inline_cheap {
             match self.app.route(req) {
                 Route::Ready(reply) => {
@@ -346,6 +352,8 @@ struct OwnedRequest {
     text: String,
     method_end: usize,
     path_end: usize,
+    /// The target had a `?` (an empty query is still a query: it changes the fingerprint).
+    has_query: bool,
     /// (index in ROUTED_HEADERS, value)
     headers: Vec<(usize, Box<[u8]>)>,
     body: Vec<u8>,
@@ -362,6 +370,7 @@ impl OwnedRequest {
             text,
             method_end: method.len(),
             path_end: method.len() + path.len(),
+            has_query: req.query().is_some(),
             headers: runtime::ROUTED_HEADERS
                 .iter()
                 .enumerate()
@@ -378,6 +387,9 @@ impl Routable for OwnedRequest {
     }
     fn path(&self) -> &str {
         &self.text[self.method_end..self.path_end]
+    }
+    fn query(&self) -> Option<&str> {
+        self.has_query.then(|| &self.text[self.path_end..])
     }
     /// As `proto::Request::query_param` (no query and an empty one answer alike).
     fn query_param(&self, name: &str) -> Option<&str> {

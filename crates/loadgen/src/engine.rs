@@ -615,14 +615,7 @@ impl<'a> Worker<'a> {
     /// Opens a new socket for connection `i`; a failure schedules a retry.
     fn open(&mut self, i: usize, now: Instant) {
         let rcvbuf = self.cfg.slow_read.map(|_| 4096);
-        let result = connect(self.cfg.target.addr, rcvbuf).and_then(|mut s| {
-            self.poll.registry().register(
-                &mut s,
-                Token(i),
-                Interest::READABLE | Interest::WRITABLE,
-            )?;
-            Ok(s)
-        });
+        let result = connect_registered(&self.poll, self.cfg.target.addr, Token(i), rcvbuf);
         self.rec.connects += 1;
         let c = &mut self.conns[i];
         c.since = now;
@@ -1055,7 +1048,7 @@ impl<'a> Worker<'a> {
 }
 
 /// A non-blocking connect; the result arrives as a writable (or error) event.
-fn connect(addr: SocketAddr, rcvbuf: Option<usize>) -> io::Result<TcpStream> {
+pub(crate) fn connect(addr: SocketAddr, rcvbuf: Option<usize>) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
@@ -1071,8 +1064,35 @@ fn connect(addr: SocketAddr, rcvbuf: Option<usize>) -> io::Result<TcpStream> {
     Ok(TcpStream::from_std(socket.into()))
 }
 
+/// [`connect`], and the socket registered with `poll` under `token` for both directions.
+pub(crate) fn connect_registered(
+    poll: &Poll,
+    addr: SocketAddr,
+    token: Token,
+    rcvbuf: Option<usize>,
+) -> io::Result<TcpStream> {
+    let mut s = connect(addr, rcvbuf)?;
+    poll.registry()
+        .register(&mut s, token, Interest::READABLE | Interest::WRITABLE)?;
+    Ok(s)
+}
+
+/// Writes as much of `buf` as the socket takes now; how much that was.
+pub(crate) fn write_some(s: &mut TcpStream, buf: &[u8]) -> io::Result<usize> {
+    let mut written = 0;
+    while written < buf.len() {
+        match s.write(&buf[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
+}
+
 /// Whether a non-blocking connect finished: `Ok(false)` while in progress.
-fn connected(s: &TcpStream) -> io::Result<bool> {
+pub(crate) fn connected(s: &TcpStream) -> io::Result<bool> {
     if let Some(e) = s.take_error()? {
         return Err(e);
     }
@@ -1083,7 +1103,7 @@ fn connected(s: &TcpStream) -> io::Result<bool> {
     }
 }
 
-fn is_out_of_files(e: &io::Error) -> bool {
+pub(crate) fn is_out_of_files(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
@@ -1136,7 +1156,7 @@ impl Timer {
 }
 
 /// This process's CPU time so far (user + system, all threads).
-fn cpu_time() -> Duration {
+pub(crate) fn cpu_time() -> Duration {
     // SAFETY: getrusage fills the zeroed struct we own.
     let usage = unsafe {
         let mut u: libc::rusage = std::mem::zeroed();
@@ -1148,7 +1168,7 @@ fn cpu_time() -> Duration {
 }
 
 /// Many idle connections need many descriptors: lift the soft limit to the hard one.
-fn raise_nofile_limit() {
+pub(crate) fn raise_nofile_limit() {
     // SAFETY: getrlimit/setrlimit on a struct we own.
     unsafe {
         let mut lim: libc::rlimit = std::mem::zeroed();

@@ -4,6 +4,9 @@
 //! skipped by count, chunked ones by a small byte-level state machine, and a reply with
 //! neither ends when the server closes. Input may arrive split anywhere, or many replies at
 //! once (pipelining): [`ResponseReader::advance`] takes what it can and says how much.
+//! A caller that wants the body (an event stream, a long poll's JSON) passes a sink to
+//! [`ResponseReader::advance_with`], which is handed the body's bytes as slices of the input,
+//! chunk framing removed.
 
 /// Largest reply head we accept; a bigger one is a parse error (servers send ~100 bytes).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -65,6 +68,7 @@ pub struct ResponseReader {
     state: State,
     status: u16,
     close: bool,
+    event_stream: bool,
 }
 
 impl Default for ResponseReader {
@@ -73,6 +77,7 @@ impl Default for ResponseReader {
             state: State::Head,
             status: 0,
             close: false,
+            event_stream: false,
         }
     }
 }
@@ -90,6 +95,16 @@ impl ResponseReader {
         &mut self,
         input: &[u8],
         no_body: bool,
+    ) -> Result<(usize, Option<Done>), ParseError> {
+        self.advance_with(input, no_body, |_| {})
+    }
+
+    /// [`ResponseReader::advance`], handing each piece of the body to `body` as it is framed.
+    pub fn advance_with(
+        &mut self,
+        input: &[u8],
+        no_body: bool,
+        mut body: impl FnMut(&[u8]),
     ) -> Result<(usize, Option<Done>), ParseError> {
         let mut used = 0;
         loop {
@@ -110,6 +125,9 @@ impl ResponseReader {
                 }
                 State::Body(left) => {
                     let take = left.min(rest.len() as u64);
+                    if take > 0 {
+                        body(&rest[..take as usize]);
+                    }
                     used += take as usize;
                     if take == left {
                         return Ok((used, Some(self.finish())));
@@ -118,16 +136,49 @@ impl ResponseReader {
                     return Ok((used, None));
                 }
                 State::Chunked(c) => {
-                    let (n, done) = self.chunked(c, rest)?;
+                    let (n, done) = self.chunked(c, rest, &mut body)?;
                     used += n;
                     if done {
                         return Ok((used, Some(self.finish())));
                     }
                     return Ok((used, None));
                 }
-                State::UntilClose => return Ok((input.len(), None)),
+                State::UntilClose => {
+                    if !rest.is_empty() {
+                        body(rest);
+                    }
+                    return Ok((input.len(), None));
+                }
             }
         }
+    }
+
+    /// Parses only a reply's head at the start of `input`: its length once complete (then
+    /// [`ResponseReader::status`] and the others describe it, and `advance_with` goes on with
+    /// the body), `None` while incomplete: offer the same bytes again with more. Only between
+    /// replies. A 1xx reply before it is passed over (and parsed again if offered again).
+    pub fn read_head(&mut self, input: &[u8], no_body: bool) -> Result<Option<usize>, ParseError> {
+        debug_assert_eq!(self.state, State::Head, "read_head between replies only");
+        let mut used = 0;
+        loop {
+            let Some(n) = self.head(&input[used..], no_body)? else {
+                return Ok(None);
+            };
+            used += n;
+            if self.state != State::Head {
+                return Ok(Some(used));
+            }
+        }
+    }
+
+    /// The status of the reply being read (or last read).
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// Whether the reply being read says `Content-Type: text/event-stream`.
+    pub fn event_stream(&self) -> bool {
+        self.event_stream
     }
 
     /// The connection ended: a reply framed by the close is complete now. `None`: the reply
@@ -166,6 +217,7 @@ impl ResponseReader {
         let mut close = resp.version == Some(0);
         let mut length: Option<u64> = None;
         let mut chunked = false;
+        let mut event_stream = false;
         for h in resp.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
                 let v = std::str::from_utf8(h.value)
@@ -176,6 +228,11 @@ impl ResponseReader {
                     return Err(ParseError::Length);
                 }
                 length = Some(v);
+            } else if h.name.eq_ignore_ascii_case("content-type") {
+                let media = h.value.split(|&b| b == b';').next().unwrap_or(h.value);
+                event_stream = media
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"text/event-stream");
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 chunked = last_token(h.value).eq_ignore_ascii_case(b"chunked");
             } else if h.name.eq_ignore_ascii_case("connection") {
@@ -191,6 +248,7 @@ impl ResponseReader {
         }
         self.status = status;
         self.close = close;
+        self.event_stream = event_stream;
         self.state = if (100..200).contains(&status) {
             State::Head
         } else if no_body || status == 204 || status == 304 {
@@ -209,11 +267,17 @@ impl ResponseReader {
     }
 
     /// Walks chunked framing; returns the bytes used and whether the body ended.
-    fn chunked(&mut self, mut c: Chunk, input: &[u8]) -> Result<(usize, bool), ParseError> {
+    fn chunked(
+        &mut self,
+        mut c: Chunk,
+        input: &[u8],
+        body: &mut impl FnMut(&[u8]),
+    ) -> Result<(usize, bool), ParseError> {
         let mut i = 0;
         while i < input.len() {
             if let Chunk::Data(left) = c {
                 let take = left.min((input.len() - i) as u64);
+                body(&input[i..i + take as usize]);
                 i += take as usize;
                 c = if take == left {
                     Chunk::DataCr
@@ -407,6 +471,57 @@ mod tests {
         );
         assert!(!r.in_progress());
         assert_eq!(r.eof(), None);
+    }
+
+    /// The body handed to a sink is the same, chunk framing removed, however the input is
+    /// split; a head read alone says the status and whether it is an event stream.
+    #[test]
+    fn bodies_to_a_sink() {
+        let chunked = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nretry\r\n3;x=y\r\n: 1\r\n0\r\n\r\n";
+        let sized = b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\nabcd";
+        for (input, body) in [(&chunked[..], &b"retry: 1"[..]), (sized, b"abcd")] {
+            for step in [1, 2, 3, 7, input.len()] {
+                let mut r = ResponseReader::new();
+                let (mut got, mut start, mut end, mut done) = (Vec::new(), 0, 0, None);
+                while end < input.len() {
+                    end = (end + step).min(input.len());
+                    let (n, d) = r
+                        .advance_with(&input[start..end], false, |b| got.extend_from_slice(b))
+                        .unwrap();
+                    start += n;
+                    done = done.or(d);
+                }
+                assert_eq!(got, body, "step {step}");
+                assert!(done.is_some(), "step {step}");
+            }
+        }
+        let mut r = ResponseReader::new();
+        let head_end = chunked.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert_eq!(r.read_head(&chunked[..head_end - 1], false), Ok(None));
+        assert_eq!(r.read_head(chunked, false), Ok(Some(head_end)));
+        assert_eq!((r.status(), r.event_stream()), (200, true));
+        let mut got = Vec::new();
+        let (n, done) = r
+            .advance_with(&chunked[head_end..], false, |b| got.extend_from_slice(b))
+            .unwrap();
+        assert_eq!(
+            (n, got.as_slice()),
+            (chunked.len() - head_end, &b"retry: 1"[..])
+        );
+        assert!(done.is_some());
+        // A 1xx before the head is passed over; a JSON reply is no event stream.
+        let mut r = ResponseReader::new();
+        let mut cont = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
+        cont.extend_from_slice(sized);
+        assert_eq!(r.read_head(&cont, false), Ok(Some(cont.len() - 4)));
+        assert_eq!((r.status(), r.event_stream()), (201, false));
+        // Until the close: every byte is body.
+        let mut r = ResponseReader::new();
+        let mut got = Vec::new();
+        let input = b"HTTP/1.0 200 OK\r\n\r\nstream";
+        r.advance_with(input, false, |b| got.extend_from_slice(b))
+            .unwrap();
+        assert_eq!(got, b"stream");
     }
 
     #[test]

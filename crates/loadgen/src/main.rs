@@ -5,6 +5,8 @@
 //! with wrk2's coordinated-omission correction, a weighted request mix with latency per
 //! class, connection-per-request churn, slow readers, idle connections, errors by kind, and
 //! JSON for scripts. `loadgen report DIR` draws the tables and charts of `scripts/compare.sh`.
+//! `--subscribe N` and `--long-poll N` hold N waiting clients (SSE streams, long polls) while
+//! messages are posted, and measure each message's delivery to each of them.
 //!
 //! Run: `cargo run --release -p loadgen -- -c 50 -d 10s http://127.0.0.1:8080/`
 
@@ -17,6 +19,7 @@ use flags::{duration, duration_or_zero, positive};
 use loadgen::engine::{self, Close, Config, Stop};
 use loadgen::spec::{Mix, RequestSpec, Target, parse_header};
 use loadgen::stats::group;
+use loadgen::subscribe::{self, Mode, Phase};
 
 const AFTER_HELP: &str = "\
 Request mix (-r, repeatable): [WEIGHT:]METHOD PATH [BODY | @FILE]
@@ -37,10 +40,20 @@ Modes:
                          latency includes the connect
   --slow-read N          read at most N bytes/s per connection (4 KiB receive buffer)
   --idle N               also hold N connections open that never send anything
+  --subscribe N          N SSE subscribers on URL (/events?type=message), each sending
+                         Last-Event-ID: the journal's head; then --rate messages/s (default
+                         1) are POSTed to /messages for --duration, and each delivery's
+                         latency (receipt less the POST's send) is measured
+  --long-poll N          the same with N clients looping GET URL?after=A&wait=--wait
+                         (URL: /messages), after = the head of their previous reply
 
 Errors, by kind (each closes the connection, which is reopened): connect, read, write,
 timeout (no reply within --timeout), closed (the server closed with requests unanswered),
-parse (not HTTP/1.1). Non-2xx replies are counted under status, not as errors.";
+parse (not HTTP/1.1). Non-2xx replies are counted under status, not as errors.
+With --subscribe/--long-poll: deliveries expected and received, missing, gaps (a message
+skipped, a later one received), duplicates; a subscriber that fails reconnects (SSE after
+the server's retry:) and resumes, and its failures are counted by kind and listed with
+their times.";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -97,7 +110,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 1, value_parser = positive)]
     pipeline: usize,
 
-    /// Open loop: this many requests per second over all connections.
+    /// Open loop: this many requests per second over all connections (with --subscribe or
+    /// --long-poll: messages per second, default 1).
     #[arg(short = 'R', long, value_parser = rate)]
     rate: Option<f64>,
 
@@ -128,7 +142,32 @@ struct RunArgs {
     /// Print the results as one JSON object.
     #[arg(long)]
     json: bool,
+
+    /// Hold this many SSE subscribers on the URL while messages are posted (see below).
+    #[arg(long, value_name = "N", value_parser = positive, conflicts_with_all = LOAD_ONLY)]
+    subscribe: Option<usize>,
+
+    /// Hold this many long polls on the URL while messages are posted (see below).
+    #[arg(long, value_name = "N", value_parser = positive, conflicts_with_all = LOAD_ONLY,
+          conflicts_with = "subscribe")]
+    long_poll: Option<usize>,
+
+    /// With --long-poll: how long the server may hold each poll (its `wait`).
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    wait: Duration,
 }
+
+/// The request-load flags, which --subscribe and --long-poll do not take.
+const LOAD_ONLY: [&str; 8] = [
+    "connections",
+    "pipeline",
+    "requests",
+    "warmup",
+    "requests_mix",
+    "close",
+    "slow_read",
+    "idle",
+];
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum CloseArg {
@@ -151,6 +190,9 @@ fn main() {
         return;
     }
     let args = cli.run;
+    if args.subscribe.is_some() || args.long_poll.is_some() {
+        return subscribe(&args);
+    }
     let config = config(&args).unwrap_or_else(|e| fail(&e));
 
     let live = !args.json && std::io::stdout().is_terminal();
@@ -172,16 +214,83 @@ fn main() {
         let _ = std::io::stdout().flush();
     })
     .unwrap_or_else(|e| fail(&e));
+    print_summary(live, args.json, &summary, || summary.text());
+}
+
+/// `--subscribe N` or `--long-poll N`.
+fn subscribe(args: &RunArgs) {
+    let cfg = subscribe_config(args).unwrap_or_else(|e| fail(&e));
+    let live = !args.json && std::io::stdout().is_terminal();
+    let mut last = Duration::ZERO;
+    let summary = subscribe::run(&cfg, |t| {
+        if !live || t.elapsed < last + Duration::from_secs(1) {
+            return;
+        }
+        last = t.elapsed;
+        let phase = match t.phase {
+            Phase::Subscribing => "subscribing",
+            Phase::Publishing => "publishing",
+            Phase::Draining => "waiting for deliveries",
+        };
+        print!(
+            "\r\x1b[K  {:>5.1}s  {phase}: {} subscribed, {} sent, {} deliveries, {} failures",
+            t.elapsed.as_secs_f64(),
+            group(t.subscribed),
+            group(t.sent),
+            group(t.deliveries),
+            group(t.failures)
+        );
+        let _ = std::io::stdout().flush();
+    })
+    .unwrap_or_else(|e| fail(&e));
+    print_summary(live, args.json, &summary, || summary.text());
+}
+
+fn subscribe_config(args: &RunArgs) -> Result<subscribe::Config, String> {
+    let url = args.url.as_deref().ok_or("a URL is required")?;
+    let target = Target::parse(url).map_err(|e| format!("URL {e}"))?;
+    let (mode, subscribers) = match (args.subscribe, args.long_poll) {
+        (Some(n), None) => (Mode::Sse, n),
+        (None, Some(n)) => (Mode::LongPoll, n),
+        _ => return Err("--subscribe: not with --long-poll".into()),
+    };
+    if subscribers < args.threads {
+        return Err("--threads: must not exceed the subscribers".into());
+    }
+    let rate = args.rate.unwrap_or(1.0);
+    if rate * args.duration.as_secs_f64() < 1.0 {
+        return Err("--rate: no message would fall due within --duration".into());
+    }
+    Ok(subscribe::Config {
+        target,
+        mode,
+        subscribers,
+        threads: args.threads,
+        rate,
+        duration: args.duration,
+        timeout: args.timeout,
+        wait: args.wait,
+        headers: args.headers.clone(),
+    })
+}
+
+/// Clears the progress line, then prints the summary: one JSON object, or the text.
+fn print_summary<T: serde::Serialize>(
+    live: bool,
+    json: bool,
+    summary: &T,
+    text: impl FnOnce() -> String,
+) {
     if live {
         print!("\r\x1b[K");
     }
-    if args.json {
+    if json {
         println!(
             "{}",
-            serde_json::to_string(&summary).expect("a summary serializes")
+            serde_json::to_string(summary).expect("a summary serializes")
         );
     } else {
-        print!("{}", summary.text());
+        print!("{}", text());
     }
 }
 
@@ -298,6 +407,64 @@ mod tests {
         assert!(config(&cli.run).unwrap_err().starts_with("--pipeline"));
         let cli = parse(&["-c", "1", "-t", "2", "http://127.0.0.1:1/"]).unwrap();
         assert!(config(&cli.run).unwrap_err().starts_with("--threads"));
+    }
+
+    #[test]
+    fn subscribe_flags() {
+        let cli = parse(&["--subscribe", "100", "-t", "2", "http://127.0.0.1:1/events"]).unwrap();
+        let cfg = subscribe_config(&cli.run).unwrap();
+        assert_eq!(
+            (cfg.mode, cfg.subscribers, cfg.threads, cfg.rate),
+            (Mode::Sse, 100, 2, 1.0)
+        );
+        let cli = parse(&[
+            "--long-poll",
+            "5",
+            "--rate",
+            "20",
+            "--wait",
+            "5s",
+            "http://127.0.0.1:1/messages",
+        ])
+        .unwrap();
+        let cfg = subscribe_config(&cli.run).unwrap();
+        assert_eq!((cfg.mode, cfg.rate), (Mode::LongPoll, 20.0));
+        assert_eq!(cfg.wait, Duration::from_secs(5));
+        for bad in [
+            &[
+                "--subscribe",
+                "5",
+                "--long-poll",
+                "5",
+                "http://127.0.0.1:1/",
+            ][..],
+            &["--subscribe", "5", "-c", "5", "http://127.0.0.1:1/"],
+            &["--long-poll", "5", "--pipeline", "2", "http://127.0.0.1:1/"],
+            &["--subscribe", "0", "http://127.0.0.1:1/"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        let cli = parse(&["--subscribe", "1", "-t", "2", "http://127.0.0.1:1/"]).unwrap();
+        assert!(
+            subscribe_config(&cli.run)
+                .unwrap_err()
+                .starts_with("--threads")
+        );
+        let cli = parse(&[
+            "--subscribe",
+            "1",
+            "-d",
+            "1s",
+            "--rate",
+            "0.5",
+            "http://127.0.0.1:1/",
+        ])
+        .unwrap();
+        assert!(
+            subscribe_config(&cli.run)
+                .unwrap_err()
+                .starts_with("--rate")
+        );
     }
 
     #[test]

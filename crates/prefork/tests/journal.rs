@@ -190,3 +190,73 @@ fn a_message_reaches_subscribers_in_every_process() {
         assert_eq!(e.id, Some(seq.to_string()), "subscriber {i}: {e:?}");
     }
 }
+
+/// Exactly once across processes: 100 concurrent requests with one Idempotency-Key, spread
+/// over three worker processes, create one job; every other reply is a 409 (the first still
+/// waits) or a replay of the first reply.
+#[test]
+fn one_key_one_job_under_100_concurrent_requests() {
+    use blackbox::checks::request_with_body;
+    let server = Server::start(BIN, &["--workers", "3"]);
+    let addr = server.addr();
+    let post = request_with_body(
+        "POST",
+        "/jobs?sleep_ms=300",
+        "Idempotency-Key: \"one-job\"\r\nPrefer: wait=5\r\n",
+        b"",
+    );
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(100));
+    let replies: Vec<blackbox::Response> = (0..100)
+        .map(|_| {
+            let (post, barrier) = (post.clone(), barrier.clone());
+            thread::spawn(move || {
+                let mut c = Client::connect(addr);
+                c.set_timeout(Duration::from_secs(20));
+                barrier.wait();
+                c.request(&post)
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    let (mut conflicts, mut replays, mut firsts) = (0, 0, 0);
+    for r in &replies {
+        match r.status {
+            409 => conflicts += 1,
+            200 | 202 => {
+                ids.insert(
+                    json_body(r)
+                        .get("id")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
+                );
+                match r.header("Idempotent-Replayed") {
+                    Some("true") => replays += 1,
+                    _ => firsts += 1,
+                }
+            }
+            _ => panic!("unexpected reply: {r:?}"),
+        }
+    }
+    assert_eq!(
+        firsts, 1,
+        "exactly one first reply ({conflicts} conflicts, {replays} replays)"
+    );
+    assert_eq!(ids.len(), 1, "one job: {ids:?}");
+    // And the journal holds one job: replay every job event from the start.
+    let mut events = blackbox::sse::Subscriber::connect(addr, "/events?type=job&after=0", "");
+    let mut in_journal = std::collections::HashSet::new();
+    while let Ok(e) = events.next_event(Duration::from_millis(500)) {
+        let v = blackbox::json::parse(&e.data).expect("job event data");
+        in_journal.insert(
+            v.get("id")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+        );
+    }
+    assert_eq!(in_journal, ids, "the journal's jobs");
+}

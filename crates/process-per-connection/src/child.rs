@@ -63,6 +63,9 @@ impl Routable for NoSuchJob {
     fn path(&self) -> &str {
         "/jobs/0"
     }
+    fn query(&self) -> Option<&str> {
+        None
+    }
     fn query_param(&self, _: &str) -> Option<&str> {
         None
     }

@@ -10,6 +10,7 @@ use crate::chunked::Decoder;
 use crate::head::{self, Framing, Head, HeaderPos, Version};
 use crate::pool;
 use crate::response::{self, CommonHeaders, ReplyMeta, Response};
+use crate::trace::Tracer;
 use crate::{Config, Request};
 
 /// Never offer the socket less room than this to read into.
@@ -32,9 +33,55 @@ enum Reading {
     Head,
     /// The head is parsed; its body is not all here yet.
     Body(Head, BodyProgress),
+    /// A request whose body is streamed has been handed out; its body arrives in pieces
+    /// through [`Conn::body_chunk`] and [`Conn::consume_body`].
+    Streaming(Streamed),
     /// No more requests on this connection: after `Connection: close`, an error, or EOF.
     Stopped,
 }
+
+/// A streamed body in progress. Its undelivered bytes are `input[start..]` (Content-Length),
+/// or `input[start..decoder.write]`, decoded in place (chunked).
+#[derive(Debug)]
+struct Streamed {
+    /// The request it belongs to.
+    id: u64,
+    framing: StreamFraming,
+    /// Read the next request afterwards.
+    keep_alive: bool,
+    expect_continue: bool,
+    /// The request was answered before its whole body came: what still arrives is dropped.
+    discard: bool,
+}
+
+#[derive(Debug)]
+enum StreamFraming {
+    Length {
+        left: u64,
+    },
+    Chunked {
+        decoder: Decoder,
+        total: u64,
+        done: bool,
+    },
+}
+
+/// What a streamed body has for the caller now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BodyChunk<'a> {
+    /// The next piece: pass it on, then [`Conn::consume_body`] as much as was taken.
+    Data(&'a [u8]),
+    /// Nothing buffered: read more from the socket.
+    Wait,
+    /// The body is complete (or there is no streamed body).
+    Done,
+    /// The body will never be complete: the peer closed, or its framing is bad (the
+    /// connection then answers the request 400 itself and closes).
+    Broken,
+}
+
+/// Unconsumed streamed body bytes past which reading waits for the caller to take some.
+const STREAM_BUFFER: usize = 64 * 1024;
 
 #[derive(Debug)]
 enum BodyProgress {
@@ -50,6 +97,8 @@ pub(crate) struct Slot {
     /// Chunks of a streamed reply that arrived before the slot reached the front, already framed.
     early: Vec<u8>,
     ended: bool,
+    /// A sized stream's bytes still owed ([`Body::Sized`](crate::Body)).
+    sized_left: u64,
 }
 
 #[derive(Debug)]
@@ -101,6 +150,8 @@ pub struct Conn {
     /// for the socket to take more): they count toward backpressure as much as `out` does.
     queued: usize,
     clock: Clock,
+    /// `--trace`: each request's timeline (see [`crate::Trace`]); `None` when off.
+    tracer: Option<Box<Tracer>>,
 }
 
 /// The readings the timeouts run from. Which deadline applies depends on what the connection
@@ -124,6 +175,7 @@ struct Clock {
 impl Conn {
     /// A connection accepted at `now`. It holds no buffer until bytes arrive.
     pub fn new(config: Arc<Config>, now: Instant) -> Conn {
+        let tracer = config.trace.map(|_| Tracer::new(now));
         Conn {
             config,
             input: Vec::new(),
@@ -144,6 +196,7 @@ impl Conn {
             aborted: false,
             linger_done: false,
             queued: 0,
+            tracer,
             clock: Clock {
                 read_since: now,
                 last_fill: now,
@@ -163,6 +216,7 @@ impl Conn {
             self.start = 0;
             self.end = 0;
         } else if self.start == self.end {
+            self.shift_offsets(self.start);
             self.start = 0;
             self.end = 0;
         }
@@ -196,10 +250,13 @@ impl Conn {
         }
         self.clock.last_fill = now;
         match self.reading {
-            Reading::Body(..) => self.clock.read_since = now,
+            Reading::Body(..) | Reading::Streaming(_) => self.clock.read_since = now,
             // A head's clock starts at its first byte; blank lines before it are no activity.
             Reading::Head if !head_was_partial && self.has_partial_request() => {
                 self.clock.read_since = now;
+                if let Some(t) = &mut self.tracer {
+                    t.head_begins();
+                }
             }
             _ => {}
         }
@@ -208,7 +265,11 @@ impl Conn {
     /// The peer will send nothing more. Replies already owed are still written.
     pub fn read_eof(&mut self) {
         self.eof = true;
-        self.reading = Reading::Stopped;
+        // A streamed body in progress learns of it from `body_chunk` (Broken, after what
+        // was buffered), so that its consumer can tell an end from a cut.
+        if !matches!(self.reading, Reading::Streaming(_)) {
+            self.reading = Reading::Stopped;
+        }
         if self.clock.linger_until.is_some() {
             self.linger_done = true;
         }
@@ -216,9 +277,16 @@ impl Conn {
 
     /// Offsets inside a body in progress are relative to `start` except the decoder's.
     fn shift_offsets(&mut self, by: usize) {
-        if let Reading::Body(_, BodyProgress::Chunked(d)) = &mut self.reading {
-            d.read -= by;
-            d.write -= by;
+        match &mut self.reading {
+            Reading::Body(_, BodyProgress::Chunked(d))
+            | Reading::Streaming(Streamed {
+                framing: StreamFraming::Chunked { decoder: d, .. },
+                ..
+            }) => {
+                d.read -= by;
+                d.write -= by;
+            }
+            _ => {}
         }
     }
 
@@ -227,6 +295,11 @@ impl Conn {
     /// The next complete request, if one is buffered and the connection may take it now.
     /// A malformed request queues its error reply and stops the reading.
     pub fn next_request(&mut self) -> Option<Request<'_>> {
+        if let Reading::Streaming(s) = &self.reading
+            && s.discard
+        {
+            self.drop_streamed_body();
+        }
         if self.slots.len() >= self.config.limits.max_pipeline
             || self.backlog() >= OUTPUT_HIGH_WATER
         {
@@ -245,6 +318,9 @@ impl Conn {
             unreachable!("advance_reader returned a complete request");
         };
         let base = self.start;
+        if head.streamed {
+            return Some(self.hand_out_streamed(head, progress));
+        }
         let (body, consumed) = match progress {
             BodyProgress::Length => {
                 let Framing::Length(n) = head.framing else {
@@ -267,14 +343,23 @@ impl Conn {
             head_only,
             keep_alive,
             http10: head.version == Version::Http10,
+            sized: false,
         };
         self.push_slot(Slot {
             meta,
             state: SlotState::Waiting,
             early: Vec::new(),
             ended: false,
+            sized_left: 0,
         });
         let id = ReqId(self.first_id + self.slots.len() as u64 - 1);
+        if let Some(t) = &mut self.tracer {
+            let (method, target) = (
+                slice_str(&self.input[base..], head.method),
+                slice_str(&self.input[base..], head.target),
+            );
+            t.handed_out(method, target, self.start < self.end, self.clock.last_fill);
+        }
         Some(Request {
             id,
             method: slice_str(&self.input[base..], head.method),
@@ -284,7 +369,198 @@ impl Conn {
             head: &self.input[base..base + head.len],
             headers: &self.positions,
             body: &self.input[body.0..body.1],
+            streamed: false,
         })
+    }
+
+    /// Hands out a request whose body is streamed, as soon as its head is in: its body follows
+    /// through [`Conn::body_chunk`].
+    fn hand_out_streamed(&mut self, head: Head, progress: BodyProgress) -> Request<'_> {
+        let base = self.start;
+        self.start += head.len;
+        self.continue_sent = false;
+        let keep_alive = head.keep_alive && !self.stopping;
+        let framing = match (progress, head.framing) {
+            (BodyProgress::Length, Framing::Length(n)) => StreamFraming::Length { left: n as u64 },
+            (BodyProgress::Chunked(decoder), _) => StreamFraming::Chunked {
+                decoder,
+                total: 0,
+                done: false,
+            },
+            (BodyProgress::Length, Framing::Chunked) => unreachable!("framing and progress agree"),
+        };
+        let meta = ReplyMeta {
+            head_only: slice_str(&self.input[base..], head.method) == "HEAD",
+            keep_alive,
+            http10: head.version == Version::Http10,
+            sized: false,
+        };
+        self.push_slot(Slot {
+            meta,
+            state: SlotState::Waiting,
+            early: Vec::new(),
+            ended: false,
+            sized_left: 0,
+        });
+        let id = self.first_id + self.slots.len() as u64 - 1;
+        if let Some(t) = &mut self.tracer {
+            let (method, target) = (
+                slice_str(&self.input[base..], head.method),
+                slice_str(&self.input[base..], head.target),
+            );
+            t.handed_out(method, target, false, self.clock.last_fill);
+        }
+        self.reading = Reading::Streaming(Streamed {
+            id,
+            framing,
+            keep_alive,
+            expect_continue: head.expect_continue,
+            discard: false,
+        });
+        Request {
+            id: ReqId(id),
+            method: slice_str(&self.input[base..], head.method),
+            target: slice_str(&self.input[base..], head.target),
+            version: head.version,
+            keep_alive,
+            head: &self.input[base..base + head.len],
+            headers: &self.positions,
+            body: &[],
+            streamed: true,
+        }
+    }
+
+    // ---- streamed bodies ----------------------------------------------------------------
+
+    /// The next piece of the streamed body being received: what is buffered now, borrowed
+    /// from the input buffer (no copy). Take what you can, then [`Conn::consume_body`] that
+    /// much; until then, reading waits once about 64 KiB are buffered (backpressure: a slow
+    /// consumer slows the peer, it does not grow memory).
+    pub fn body_chunk(&mut self) -> BodyChunk<'_> {
+        let Reading::Streaming(s) = &mut self.reading else {
+            // After a framing error or a timeout the body did not end: it broke.
+            return if self.failed {
+                BodyChunk::Broken
+            } else {
+                BodyChunk::Done
+            };
+        };
+        let (start, end) = (self.start, self.end);
+        let available = match &mut s.framing {
+            StreamFraming::Length { left } => (*left as usize).min(end - start),
+            StreamFraming::Chunked {
+                decoder,
+                total,
+                done,
+            } => {
+                if !*done {
+                    // Only the total decoded so far is bounded (by max_upload, below).
+                    let decoded = decoder.decode(
+                        &mut self.input[..end],
+                        decoder.write,
+                        usize::MAX,
+                        self.config.limits.max_head,
+                    );
+                    match decoded {
+                        Ok(finished) => *done = finished,
+                        Err(status) => {
+                            let id = s.id;
+                            self.stream_failed(id, status);
+                            return BodyChunk::Broken;
+                        }
+                    }
+                }
+                let available = decoder.write - start;
+                if *total + available as u64 > self.config.limits.max_upload {
+                    let id = s.id;
+                    self.stream_failed(id, 413);
+                    return BodyChunk::Broken;
+                }
+                available
+            }
+        };
+        if available > 0 {
+            return BodyChunk::Data(&self.input[start..start + available]);
+        }
+        let complete = match &s.framing {
+            StreamFraming::Length { left } => *left == 0,
+            StreamFraming::Chunked { done, .. } => *done,
+        };
+        if complete {
+            self.end_streamed_body();
+            BodyChunk::Done
+        } else if self.eof {
+            self.reading = Reading::Stopped;
+            BodyChunk::Broken
+        } else {
+            BodyChunk::Wait
+        }
+    }
+
+    /// The caller took `n` bytes of the last [`Conn::body_chunk`].
+    pub fn consume_body(&mut self, n: usize) {
+        let Reading::Streaming(s) = &mut self.reading else {
+            return;
+        };
+        self.start += n;
+        match &mut s.framing {
+            StreamFraming::Length { left } => *left -= n as u64,
+            StreamFraming::Chunked { total, .. } => *total += n as u64,
+        }
+    }
+
+    /// A streamed body is still being received (its request is owed its body's end).
+    pub fn body_pending(&self) -> bool {
+        matches!(&self.reading, Reading::Streaming(s) if !s.discard)
+    }
+
+    /// The streamed body is all in and taken: read the next request (or stop).
+    fn end_streamed_body(&mut self) {
+        let Reading::Streaming(s) = &self.reading else {
+            return;
+        };
+        if let StreamFraming::Chunked { decoder, .. } = &s.framing {
+            // The trailers are read too; what follows is the next request.
+            self.start = decoder.read;
+        }
+        self.reading = if s.keep_alive {
+            Reading::Head
+        } else {
+            Reading::Stopped
+        };
+        self.clock.read_since = self.clock.last_fill;
+    }
+
+    /// A request answered before its streamed body was all in: drop what has arrived.
+    fn drop_streamed_body(&mut self) {
+        loop {
+            let n = match self.body_chunk() {
+                BodyChunk::Data(d) => d.len(),
+                _ => return,
+            };
+            self.consume_body(n);
+        }
+    }
+
+    /// A streamed body's framing is bad (or too long): the request is answered `status` (in
+    /// place of the application's reply), and the connection closes after it.
+    fn stream_failed(&mut self, id: u64, status: u16) {
+        self.failed = true;
+        self.reading = Reading::Stopped;
+        self.start = self.end;
+        if let Some(i) = self.index(ReqId(id))
+            && let Some(t) = &mut self.tracer
+        {
+            t.responded(i, status);
+        }
+        if let Some(slot) = self.index(ReqId(id)).map(|i| &mut self.slots[i])
+            && matches!(slot.state, SlotState::Waiting)
+        {
+            let reply = Response::error(status);
+            self.queued += reply.body.len();
+            slot.meta.keep_alive = false;
+            slot.state = SlotState::Ready(reply);
+        }
     }
 
     fn push_slot(&mut self, slot: Slot) {
@@ -298,7 +574,7 @@ impl Conn {
     fn advance_reader(&mut self) -> Result<bool, u16> {
         loop {
             match &mut self.reading {
-                Reading::Stopped => return Ok(false),
+                Reading::Stopped | Reading::Streaming(_) => return Ok(false),
                 Reading::Head => {
                     // RFC 9112 2.2: ignore empty lines before a request line.
                     while self.start < self.end && matches!(self.input[self.start], b'\r' | b'\n') {
@@ -326,18 +602,39 @@ impl Conn {
                         self.head_scanned = data.len() as u32;
                         return Ok(false);
                     }
-                    let Some(head) = head::parse(data, limits, &mut self.positions)? else {
+                    let Some(mut head) = head::parse(data, limits, &mut self.positions)? else {
                         self.head_scanned = data.len() as u32;
                         return Ok(false);
                     };
                     self.head_scanned = 0;
+                    let method = slice_str(data, head.method);
+                    let path = crate::target_path(slice_str(data, head.target));
+                    head.streamed = head.framing != Framing::Length(0)
+                        && (self.config.stream_body)(method, path);
+                    let max = match head.streamed {
+                        true => limits.max_upload,
+                        false => limits.max_body as u64,
+                    };
+                    if let Framing::Length(n) = head.framing
+                        && n as u64 > max
+                    {
+                        return Err(413);
+                    }
                     let progress = match head.framing {
                         Framing::Length(_) => BodyProgress::Length,
                         Framing::Chunked => {
                             BodyProgress::Chunked(Decoder::new(self.start + head.len))
                         }
                     };
+                    let streamed = head.streamed;
+                    if let Some(t) = &mut self.tracer {
+                        t.head_parsed();
+                    }
                     self.reading = Reading::Body(head, progress);
+                    if streamed {
+                        // Handed out now; the body follows in pieces.
+                        return Ok(true);
+                    }
                 }
                 Reading::Body(head, BodyProgress::Length) => {
                     let Framing::Length(n) = head.framing else {
@@ -368,6 +665,7 @@ impl Conn {
             head_only: false,
             keep_alive: false,
             http10: false,
+            sized: false,
         };
         let reply = Response::error(status);
         self.queued += reply.body.len();
@@ -376,7 +674,11 @@ impl Conn {
             state: SlotState::Ready(reply),
             early: Vec::new(),
             ended: false,
+            sized_left: 0,
         });
+        if let Some(t) = &mut self.tracer {
+            t.error(status);
+        }
     }
 
     // ---- replies -------------------------------------------------------------------------
@@ -384,6 +686,18 @@ impl Conn {
     /// Files the reply to request `id`. Replies leave in request order, whatever order they
     /// are filed in. A reply for a request this connection no longer owes is dropped.
     pub fn respond(&mut self, id: ReqId, response: Response) {
+        if let Reading::Streaming(s) = &mut self.reading
+            && s.id == id.0
+        {
+            // Answered before its body was all in: the rest is read and dropped.
+            s.discard = true;
+        }
+        if let Some(i) = self.index(id)
+            && let Some(t) = &mut self.tracer
+            && matches!(self.slots[i].state, SlotState::Waiting)
+        {
+            t.responded(i, response.status);
+        }
         if let Some(slot) = self.index(id).and_then(|i| self.slots.get_mut(i))
             && matches!(slot.state, SlotState::Waiting)
         {
@@ -391,6 +705,10 @@ impl Conn {
             if response.is_stream() && !response::has_body_framing(response.status) {
                 // 1xx, 204, 304: no chunked coding, and the chunks are dropped.
                 slot.meta.head_only = true;
+            }
+            if let response::Body::Sized(len) = response.body {
+                slot.meta.sized = true;
+                slot.sized_left = len;
             }
             slot.state = SlotState::Ready(response);
         }
@@ -416,6 +734,14 @@ impl Conn {
         if slot.ended {
             return;
         }
+        let data = if slot.meta.sized {
+            // Never more than the head promised.
+            let n = (data.len() as u64).min(slot.sized_left) as usize;
+            slot.sized_left -= n as u64;
+            &data[..n]
+        } else {
+            data
+        };
         match slot.state {
             SlotState::Streaming if at_front && !out_closed => {
                 let meta = slot.meta;
@@ -439,6 +765,10 @@ impl Conn {
         let Some(i) = self.index(id) else { return };
         let slot = &mut self.slots[i];
         slot.ended = true;
+        if slot.sized_left > 0 {
+            // Ended short of its Content-Length: only a close tells the peer.
+            slot.meta.keep_alive = false;
+        }
         if matches!(slot.state, SlotState::Streaming) {
             let meta = slot.meta;
             self.slots.pop_front();
@@ -448,7 +778,11 @@ impl Conn {
                     self.out = pool::take_output();
                 }
                 response::encode_stream_end(&mut self.out, meta);
-                if meta.http10 || !meta.keep_alive {
+                if let Some(t) = &mut self.tracer {
+                    let began = t.stream_began;
+                    t.encoded(self.out.len() - self.out_pos, began);
+                }
+                if (meta.http10 && !meta.sized) || !meta.keep_alive {
                     self.close_output();
                 }
             }
@@ -493,6 +827,8 @@ impl Conn {
                 self.out_pos = 0;
             }
             self.queued -= r.body.len() + if r.is_stream() { slot.early.len() } else { 0 };
+            let began = (self.out.len() - self.out_pos, self.tracer.as_ref());
+            let began = began.1.map_or(0, |t| t.output_at(began.0));
             let keep_open = response::encode(&mut self.out, &r, slot.meta, common);
             if r.is_stream() {
                 self.out.extend_from_slice(&slot.early);
@@ -505,23 +841,32 @@ impl Conn {
                         self.reading = Reading::Stopped;
                     }
                     // Stay at the front: later replies wait until this stream ends.
+                    if let Some(t) = &mut self.tracer {
+                        t.stream_began = began;
+                    }
                     break;
                 }
                 response::encode_stream_end(&mut self.out, slot.meta);
             }
             self.slots.pop_front();
             self.first_id += 1;
+            if let Some(t) = &mut self.tracer {
+                t.encoded(self.out.len() - self.out_pos, began);
+            }
             if !keep_open {
                 self.close_output();
             }
         }
-        // 100 Continue may go out only after every earlier reply, and only once per request.
-        if let Reading::Body(head, _) = &self.reading
-            && head.expect_continue
-            && !self.continue_sent
-            && self.slots.is_empty()
-            && !self.out_closed
-        {
+        // 100 Continue may go out only after every earlier reply, and only once per request
+        // (for a streamed body: while its request is the one owed, and still wants it).
+        let expects = match &self.reading {
+            Reading::Body(head, _) => head.expect_continue && self.slots.is_empty(),
+            Reading::Streaming(s) => {
+                s.expect_continue && !s.discard && self.slots.len() == 1 && self.first_id == s.id
+            }
+            _ => false,
+        };
+        if expects && !self.continue_sent && !self.out_closed {
             if self.out.capacity() == 0 {
                 self.out = pool::take_output();
             }
@@ -545,10 +890,16 @@ impl Conn {
         self.reading = Reading::Stopped;
         self.slots.clear();
         self.queued = 0;
+        if let Some(t) = &mut self.tracer {
+            t.drop_owed();
+        }
     }
 
     /// The socket took `n` bytes of [`Conn::output`] at `now`.
     pub fn written(&mut self, n: usize, now: Instant) {
+        if let (Some(t), Some(emit)) = (&mut self.tracer, self.config.trace) {
+            t.written(n, emit);
+        }
         self.out_pos += n;
         debug_assert!(self.out_pos <= self.out.len());
         if n > 0 {
@@ -614,7 +965,7 @@ impl Conn {
             .map(|s| s + t.send);
         let read = match self.reading {
             Reading::Stopped => None,
-            Reading::Body(..) => Some(c.read_since + t.body),
+            Reading::Body(..) | Reading::Streaming(_) => Some(c.read_since + t.body),
             Reading::Head if self.has_partial_request() => Some(c.read_since + t.header),
             Reading::Head if self.slots.is_empty() && self.unsent() == 0 => {
                 let idle = c.read_since + t.idle;
@@ -648,6 +999,10 @@ impl Conn {
         match self.reading {
             Reading::Stopped => {}
             Reading::Body(..) if now >= since + t.body => self.fail(408),
+            Reading::Streaming(ref s) if now >= since + t.body => {
+                let id = s.id;
+                self.stream_failed(id, 408);
+            }
             Reading::Head if self.has_partial_request() && now >= since + t.header => {
                 self.fail(408);
             }
@@ -688,9 +1043,15 @@ impl Conn {
         if self.clock.linger_until.is_some() {
             return !self.linger_done;
         }
-        !matches!(self.reading, Reading::Stopped)
-            && self.slots.len() < self.config.limits.max_pipeline
-            && self.backlog() < OUTPUT_HIGH_WATER
+        match &self.reading {
+            Reading::Stopped => false,
+            // The body's consumer sets the pace; a body being dropped flows at once.
+            Reading::Streaming(s) => s.discard || self.end - self.start < STREAM_BUFFER,
+            _ => {
+                self.slots.len() < self.config.limits.max_pipeline
+                    && self.backlog() < OUTPUT_HIGH_WATER
+            }
+        }
     }
 
     /// Nothing more will be read or written: close the socket (after lingering, if
@@ -708,7 +1069,7 @@ impl Conn {
     /// Part of a request has arrived but not all of it.
     pub fn has_partial_request(&self) -> bool {
         match self.reading {
-            Reading::Body(..) => true,
+            Reading::Body(..) | Reading::Streaming(_) => true,
             Reading::Head => self.input[self.start..self.end]
                 .iter()
                 .any(|&b| b != b'\r' && b != b'\n'),

@@ -29,6 +29,8 @@ pub(crate) enum Framing {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Head {
     pub len: usize,
+    /// The body is handed out in pieces as it arrives, not buffered (decided by the caller).
+    pub streamed: bool,
     pub method: (u32, u32),
     pub target: (u32, u32),
     pub version: Version,
@@ -186,8 +188,8 @@ fn parse_with<'b>(
     let framing = match (te_chunked, content_length) {
         (true, Some(_)) => return Err(400),
         (true, None) => Framing::Chunked,
-        (false, Some(n)) if n > limits.max_body as u64 => return Err(413),
-        (false, n) => Framing::Length(n.unwrap_or(0) as usize),
+        // The size is checked by the caller: the limit depends on whether the body is streamed.
+        (false, n) => Framing::Length(usize::try_from(n.unwrap_or(0)).map_err(|_| 413u16)?),
     };
     // RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 means the framing is faulty.
     if te_chunked && version == Version::Http10 {
@@ -199,6 +201,7 @@ fn parse_with<'b>(
     };
     Ok(Some(Head {
         len,
+        streamed: false,
         method: span(method.as_bytes()),
         target: span(target.as_bytes()),
         version,

@@ -27,21 +27,41 @@ mod date;
 mod head;
 mod pool;
 mod response;
+mod trace;
 
 use std::time::Duration;
 
-pub use conn::{Conn, OUTPUT_HIGH_WATER, ReqId};
+pub use conn::{BodyChunk, Conn, OUTPUT_HIGH_WATER, ReqId};
 pub use date::{HTTP_DATE_LEN, http_date};
 pub use head::{MAX_HEADERS, Version};
 pub use response::{Body, CommonHeaders, Response, reason};
+pub use trace::Trace;
 
 use head::HeaderPos;
 
-/// What every connection of a server shares: its limits and its timeouts.
-#[derive(Clone, Copy, Debug, Default)]
+/// What every connection of a server shares: its limits and its timeouts, and which requests
+/// have their bodies streamed.
+#[derive(Clone, Copy, Debug)]
 pub struct Config {
     pub limits: Limits,
     pub timeouts: Timeouts,
+    /// Whether a request (method, path) gets its body in pieces as it arrives (bounded by
+    /// [`Limits::max_upload`], not by memory) instead of whole (bounded by `max_body`). See
+    /// [`Conn::body_chunk`].
+    pub stream_body: fn(&str, &str) -> bool,
+    /// `--trace`: each request's timeline goes here once its reply is written (see [`Trace`]).
+    pub trace: Option<fn(&Trace)>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+            stream_body: |_, _| false,
+            trace: None,
+        }
+    }
 }
 
 /// How long a connection may wait at each step (see [`Conn::poll_timeout`]).
@@ -82,8 +102,10 @@ pub struct Limits {
     pub max_head: usize,
     /// Request target, in bytes (414).
     pub max_target: usize,
-    /// Decoded body, in bytes (413).
+    /// Decoded body, in bytes (413), when it is buffered whole.
     pub max_body: usize,
+    /// A streamed body, in bytes (413): it is never held whole.
+    pub max_upload: u64,
     /// Requests read ahead of their replies; past this, reading waits.
     pub max_pipeline: usize,
     /// A streamed reply whose unsent bytes pass this (a subscriber that reads too slowly) is
@@ -97,6 +119,7 @@ impl Default for Limits {
             max_head: 16 * 1024,
             max_target: 8 * 1024,
             max_body: 8 * 1024 * 1024,
+            max_upload: 1 << 40,
             max_pipeline: 64,
             max_stream_backlog: 1024 * 1024,
         }
@@ -112,7 +135,19 @@ pub fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
     })
 }
 
-/// A complete request, borrowed from its connection's buffer.
+/// The path of a request target, without the query.
+pub fn target_path(target: &str) -> &str {
+    let target = if target.starts_with('/') {
+        target
+    } else if let Some((_, rest)) = target.split_once("://") {
+        rest.find('/').map_or("/", |i| &rest[i..])
+    } else {
+        target
+    };
+    target.split(['?', '#']).next().unwrap_or(target)
+}
+
+/// A complete request (or, for a streamed body, its head), borrowed from its connection's buffer.
 #[derive(Debug)]
 pub struct Request<'a> {
     /// Pass to [`Conn::respond`] to file the reply.
@@ -123,7 +158,10 @@ pub struct Request<'a> {
     pub version: Version,
     /// Whether the connection stays open after this request's reply.
     pub keep_alive: bool,
+    /// The body, when it is buffered whole; empty for a streamed body (`streamed`), which
+    /// arrives in pieces through [`Conn::body_chunk`].
     pub body: &'a [u8],
+    pub streamed: bool,
     head: &'a [u8],
     headers: &'a [HeaderPos],
 }
@@ -131,14 +169,7 @@ pub struct Request<'a> {
 impl<'a> Request<'a> {
     /// The path, without the query; for an absolute-form target (`http://host/p?q`), its path.
     pub fn path(&self) -> &'a str {
-        let target = if self.target.starts_with('/') {
-            self.target
-        } else if let Some((_, rest)) = self.target.split_once("://") {
-            rest.find('/').map_or("/", |i| &rest[i..])
-        } else {
-            self.target
-        };
-        target.split(['?', '#']).next().unwrap_or(target)
+        target_path(self.target)
     }
 
     pub fn query(&self) -> Option<&'a str> {

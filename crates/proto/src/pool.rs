@@ -30,13 +30,20 @@ thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool::default());
 }
 
+// Each function below reaches the pool itself and is never inlined: a stackful coroutine can
+// move to another thread between two calls, and a caller that had the thread-local's address
+// in hand (after inlining, the compiler may keep it across a call) would then use the old
+// thread's pool while a coroutine there uses it too.
+
 /// An input buffer of at least [`INPUT_SIZE`] bytes (zeroed once, when first made; its old
 /// contents are never read before they are overwritten), and room for header positions.
+#[inline(never)]
 pub(crate) fn take_input() -> (Vec<u8>, Vec<HeaderPos>) {
     POOL.with(|p| p.borrow_mut().inputs.pop())
         .unwrap_or_else(|| (vec![0; INPUT_SIZE], Vec::new()))
 }
 
+#[inline(never)]
 pub(crate) fn give_input(buf: Vec<u8>, mut positions: Vec<HeaderPos>) {
     if buf.len() <= KEEP_AT_MOST_BYTES {
         positions.clear();
@@ -45,11 +52,13 @@ pub(crate) fn give_input(buf: Vec<u8>, mut positions: Vec<HeaderPos>) {
 }
 
 /// An empty output buffer, with whatever capacity it had.
+#[inline(never)]
 pub(crate) fn take_output() -> Vec<u8> {
     POOL.with(|p| p.borrow_mut().outputs.pop())
         .unwrap_or_default()
 }
 
+#[inline(never)]
 pub(crate) fn give_output(mut buf: Vec<u8>) {
     buf.clear();
     if buf.capacity() > 0 && buf.capacity() <= KEEP_AT_MOST_BYTES {
@@ -58,11 +67,13 @@ pub(crate) fn give_output(mut buf: Vec<u8>) {
 }
 
 /// An empty reply queue, with the capacity an earlier connection left it.
+#[inline(never)]
 pub(crate) fn take_queue() -> VecDeque<Slot> {
     POOL.with(|p| p.borrow_mut().queues.pop())
         .unwrap_or_else(|| VecDeque::with_capacity(4))
 }
 
+#[inline(never)]
 pub(crate) fn give_queue(queue: VecDeque<Slot>) {
     debug_assert!(queue.is_empty());
     if queue.capacity() > 0 && queue.capacity() <= 64 {

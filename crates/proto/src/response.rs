@@ -24,6 +24,9 @@ pub enum Body {
     Owned(Vec<u8>),
     /// Chunked (HTTP/1.1) or close-delimited (HTTP/1.0); the chunks follow the head later.
     Stream,
+    /// Exactly this many bytes, sent as they come after the head (`Content-Length` framing: a
+    /// file). Ended short, the connection closes, so the peer sees the cut.
+    Sized(u64),
 }
 
 impl Body {
@@ -31,7 +34,7 @@ impl Body {
         match self {
             Body::Static(b) => b.len(),
             Body::Owned(b) => b.len(),
-            Body::Stream => 0,
+            Body::Stream | Body::Sized(_) => 0,
         }
     }
 
@@ -43,7 +46,7 @@ impl Body {
         match self {
             Body::Static(b) => b,
             Body::Owned(b) => b,
-            Body::Stream => &[],
+            Body::Stream | Body::Sized(_) => &[],
         }
     }
 }
@@ -85,6 +88,15 @@ impl Response {
         }
     }
 
+    /// The head of a streamed reply of `len` bytes (`Content-Length`); send them with
+    /// `Conn::push_chunk`.
+    pub fn stream_sized(status: u16, content_type: &'static str, len: u64) -> Response {
+        Response {
+            body: Body::Sized(len),
+            ..Response::stream(status, content_type)
+        }
+    }
+
     /// A protocol error: a short text body naming the status, and the connection closes.
     pub fn error(status: u16) -> Response {
         let mut r = Response::text(status, error_body(status));
@@ -98,7 +110,7 @@ impl Response {
     }
 
     pub fn is_stream(&self) -> bool {
-        matches!(self.body, Body::Stream)
+        matches!(self.body, Body::Stream | Body::Sized(_))
     }
 }
 
@@ -115,6 +127,8 @@ pub(crate) struct ReplyMeta {
     pub head_only: bool,
     pub keep_alive: bool,
     pub http10: bool,
+    /// A stream of known length: its pieces go out unframed.
+    pub sized: bool,
 }
 
 /// Appends the status line and headers, and the body unless it is streamed or the request was
@@ -126,7 +140,8 @@ pub(crate) fn encode(
     common: &CommonHeaders,
 ) -> bool {
     // A streamed reply to HTTP/1.0 has no chunked coding: the close ends it.
-    let keep_alive = meta.keep_alive && !r.close && !(r.is_stream() && meta.http10);
+    let chunked = matches!(r.body, Body::Stream);
+    let keep_alive = meta.keep_alive && !r.close && !(chunked && meta.http10);
     let mut num = itoa::Buffer::new();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(num.format(r.status).as_bytes());
@@ -148,13 +163,17 @@ pub(crate) fn encode(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if r.is_stream() {
+    if chunked {
         if !meta.http10 && has_body_framing(r.status) {
             out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
         }
     } else if has_body_framing(r.status) {
+        let len = match r.body {
+            Body::Sized(len) => len,
+            _ => r.body.len() as u64,
+        };
         out.extend_from_slice(b"Content-Length: ");
-        out.extend_from_slice(num.format(r.body.len()).as_bytes());
+        out.extend_from_slice(num.format(len).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     if !keep_alive {
@@ -174,7 +193,7 @@ pub(crate) fn encode_chunk(out: &mut Vec<u8>, data: &[u8], meta: ReplyMeta) {
     if meta.head_only || data.is_empty() {
         return;
     }
-    if meta.http10 {
+    if meta.http10 || meta.sized {
         out.extend_from_slice(data);
         return;
     }
@@ -193,7 +212,7 @@ pub(crate) fn encode_chunk(out: &mut Vec<u8>, data: &[u8], meta: ReplyMeta) {
 }
 
 pub(crate) fn encode_stream_end(out: &mut Vec<u8>, meta: ReplyMeta) {
-    if !meta.head_only && !meta.http10 {
+    if !meta.head_only && !meta.http10 && !meta.sized {
         out.extend_from_slice(b"0\r\n\r\n");
     }
 }
@@ -213,14 +232,22 @@ pub fn reason(status: u16) -> &'static str {
         304 => "Not Modified",
         400 => "Bad Request",
         404 => "Not Found",
+        403 => "Forbidden",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         409 => "Conflict",
+        410 => "Gone",
+        412 => "Precondition Failed",
         413 => "Content Too Large",
         414 => "URI Too Long",
+        415 => "Unsupported Media Type",
         417 => "Expectation Failed",
+        422 => "Unprocessable Content",
+        423 => "Locked",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
+        // tus 1.0 (checksum extension).
+        460 => "Checksum Mismatch",
         500 => "Internal Server Error",
         501 => "Not Implemented",
         503 => "Service Unavailable",

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{common, t0};
-use proto::{Config, Conn, Limits, Response, Timeouts};
+use proto::{Config, Conn, Response, Timeouts};
 
 const TIMEOUTS: Timeouts = Timeouts {
     header: Duration::from_secs(10),
@@ -24,8 +24,8 @@ fn at(secs: f64) -> Instant {
 
 fn conn() -> Conn {
     let config = Config {
-        limits: Limits::default(),
         timeouts: TIMEOUTS,
+        ..Config::default()
     };
     Conn::new(Arc::new(config), at(0.0))
 }

@@ -29,6 +29,7 @@ use proto::{Conn, ReqId, Request};
 
 use crate::ServeConfig;
 use crate::date::ReplyHeaders;
+use crate::held::{self, Upload};
 
 /// How often a connection that has sent nothing yet looks whether shutdown began.
 const FRESH_CHECK: Duration = Duration::from_secs(1);
@@ -124,6 +125,7 @@ fn drive<S: BlockingStream, P: Park>(
     let mut http = Conn::new(config.conn.clone(), Instant::now());
     let mut headers = ReplyHeaders::new(config.server_name);
     let mut timeout_set = None;
+    let mut upload: Option<Box<Upload>> = None;
     // A write that makes no progress for this long fails, and the connection closes.
     if stream
         .set_write_timeout(Some(config.timeouts().send))
@@ -135,12 +137,14 @@ fn drive<S: BlockingStream, P: Park>(
         if let Some(since) = tracked.open.stopping_since() {
             http.stop_reading(since);
         }
+        held::feed(&mut upload, &mut http);
         while let Some(req) = http.next_request() {
             stats.request();
             let id = req.id;
             match handle(&req) {
                 Reply::Now(reply) => http.respond(id, reply),
                 Reply::Later(pending) => http.respond(id, wait(cx, pending)),
+                Reply::Body(sink) => upload = Upload::start(&mut http, id, sink),
                 Reply::Stream(head, body) => {
                     http.respond(id, head);
                     if !stream_out(stream, cx, &mut http, &mut headers, id, body) {

@@ -65,6 +65,11 @@ pub struct ServerArgs {
     #[arg(long, default_value = "10s", value_parser = duration)]
     pub shutdown_timeout: Duration,
 
+    /// Write each request's timeline to stderr once its reply is out, one JSON line each:
+    /// accepted, first byte read, head parsed, whole request in, reply filed, reply written.
+    #[arg(long)]
+    pub trace: bool,
+
     /// Largest request head (request line and headers) in bytes; larger gets 431.
     #[arg(long, default_value = "16K", value_parser = size)]
     pub max_head: usize,
@@ -114,6 +119,7 @@ impl ServerArgs {
             max_target: self.max_target,
             max_body: self.max_body,
             max_stream_backlog: self.stream_backlog,
+            max_upload: self.app.max_upload,
             ..proto::Limits::default()
         }
     }

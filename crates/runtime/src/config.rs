@@ -25,6 +25,10 @@ impl ServeConfig {
             conn: Arc::new(proto::Config {
                 limits: args.limits(),
                 timeouts: args.timeouts(),
+                stream_body: app::streams_body,
+                trace: args
+                    .trace
+                    .then_some(crate::trace::print as fn(&proto::Trace)),
             }),
             shutdown_timeout: args.shutdown_timeout,
             max_conns: args.max_conns,

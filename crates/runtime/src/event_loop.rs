@@ -33,7 +33,7 @@ use proto::{CommonHeaders, Conn, ReqId, Request};
 use slab::Slab;
 
 use crate::date::ReplyHeaders;
-use crate::held::{ConnKey, Held, HeldConn};
+use crate::held::{self, ConnKey, Held, HeldConn, Upload};
 use crate::listener::{AcceptBackoff, is_out_of_resources};
 
 use crate::{ServeConfig, Shutdown};
@@ -116,8 +116,13 @@ struct Connection {
     readable: bool,
     /// The socket may take output.
     writable: bool,
+    /// The peer's FIN has arrived (EPOLLRDHUP): a short read no longer means the socket is
+    /// empty, since the EOF behind the data brings no new edge.
+    read_closed: bool,
     /// Its stream has more to send but the peer is behind: poll it once the output drains.
     stream_waits: bool,
+    /// The request whose body is going to the app as it arrives.
+    upload: Option<Box<Upload>>,
 }
 
 impl HeldConn for Connection {
@@ -306,6 +311,7 @@ impl EventLoop {
                             c.readable |=
                                 event.is_readable() || event.is_read_closed() || event.is_error();
                             c.writable |= event.is_writable() || event.is_error();
+                            c.read_closed |= event.is_read_closed();
                             s.drive(i, handler);
                         }
                     }
@@ -456,7 +462,9 @@ impl State {
             generation: self.generations,
             readable: false,
             writable: false,
+            read_closed: false,
             stream_waits: false,
+            upload: None,
         });
         self.stats.connection_opened();
     }
@@ -516,7 +524,9 @@ impl State {
                 token: origin.token,
                 generation: origin.generation,
             };
-            self.held.file(&mut c.http, key, origin.id, reply);
+            if let Some(upload) = self.held.file(&mut c.http, key, origin.id, reply) {
+                c.upload = Some(upload);
+            }
         }
     }
 
@@ -580,6 +590,7 @@ impl State {
         };
         let now = self.now;
         loop {
+            held::feed(&mut c.upload, &mut c.http);
             while let Some(req) = c.http.next_request() {
                 self.stats.request();
                 let origin = Origin {
@@ -592,7 +603,9 @@ impl State {
                         token,
                         generation: c.generation,
                     };
-                    self.held.file(&mut c.http, key, origin.id, reply);
+                    if let Some(upload) = self.held.file(&mut c.http, key, origin.id, reply) {
+                        c.upload = Some(upload);
+                    }
                 }
             }
             if c.writable && write_out(c, self.headers.get(), now).is_err() {
@@ -626,7 +639,7 @@ impl State {
                     c.http.filled(n, now);
                     // A short read emptied the socket, and the next byte brings a new edge:
                     // this saves the read that would only return WouldBlock.
-                    c.readable = n == room;
+                    c.readable = n == room || c.read_closed;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     c.readable = false;

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use app::{Pending, Reply, Stream, WorkerStats};
+use app::{BodySink, Pending, Reply, Stream, WorkerStats};
 use proto::{Conn, ReqId};
 use slab::Slab;
 
@@ -73,10 +73,22 @@ impl Held {
     }
 
     /// Files `reply` to request `id` of connection `conn` (whose protocol state is `http`):
-    /// into the connection now, or held until the app has it.
-    pub fn file(&mut self, http: &mut Conn, conn: ConnKey, id: ReqId, reply: Reply) {
+    /// into the connection now, or held until the app has it. A reply that reads the
+    /// request's body first comes back as an [`Upload`], for the caller to feed.
+    #[must_use]
+    pub fn file(
+        &mut self,
+        http: &mut Conn,
+        conn: ConnKey,
+        id: ReqId,
+        reply: Reply,
+    ) -> Option<Box<Upload>> {
         let what = match reply {
-            Reply::Now(r) => return http.respond(id, r),
+            Reply::Now(r) => {
+                http.respond(id, r);
+                return None;
+            }
+            Reply::Body(sink) => return Upload::start(http, id, sink),
             Reply::Later(pending) => Holding::Pending(pending),
             Reply::Stream(head, stream) => {
                 http.respond(id, head);
@@ -88,6 +100,7 @@ impl Held {
         }
         self.stats.hold();
         self.entries.insert(Entry { conn, id, what });
+        None
     }
 
     /// When to walk the held requests at the latest, whatever the hub says.
@@ -169,5 +182,41 @@ impl Held {
         if self.chunk.capacity() > 64 * 1024 {
             self.chunk = Vec::new();
         }
+    }
+}
+
+/// A request whose body goes to the app as it arrives (an upload). Its connection keeps it
+/// (boxed: idle connections pay one pointer) and feeds it after every read, until the app has
+/// the reply; dropped with its connection, the sink keeps what arrived.
+pub struct Upload {
+    id: ReqId,
+    sink: BodySink,
+}
+
+impl Upload {
+    /// Feeds what `http` holds already; `None` if that was the whole body.
+    pub fn start(http: &mut Conn, id: ReqId, sink: Box<BodySink>) -> Option<Box<Upload>> {
+        let mut upload = Box::new(Upload { id, sink: *sink });
+        (!upload.feed(http)).then_some(upload)
+    }
+
+    /// Feeds the sink what `http` has buffered; true once the reply is filed (drop it then).
+    pub fn feed(&mut self, http: &mut Conn) -> bool {
+        match self.sink.feed(http) {
+            Some(reply) => {
+                http.respond(self.id, reply);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Feeds a connection's upload, if it has one, and drops it once answered.
+pub fn feed(upload: &mut Option<Box<Upload>>, http: &mut Conn) {
+    if let Some(u) = upload
+        && u.feed(http)
+    {
+        *upload = None;
     }
 }

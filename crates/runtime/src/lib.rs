@@ -11,10 +11,11 @@ pub mod held;
 pub mod listener;
 pub mod shutdown;
 pub mod threads;
+pub mod trace;
 
 pub use app::{
-    App, AppArgs, JobRole, Pending, ROUTED_HEADERS, Reply, Routable, Route, Stats, Stream, Task,
-    WorkerStats,
+    App, AppArgs, BodySink, JobRole, Pending, ROUTED_HEADERS, Reply, Routable, Route, Stats,
+    Stream, Task, WorkerStats, streams_body,
 };
 pub use cli::ServerArgs;
 pub use config::ServeConfig;

@@ -43,7 +43,7 @@ use app::{App, Subscription, WorkerStats};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use proto::Conn;
 use runtime::date::ReplyHeaders;
-use runtime::held::{ConnKey, Held, HeldConn};
+use runtime::held::{self, ConnKey, Held, HeldConn, Upload};
 use runtime::listener::{AcceptBackoff, is_out_of_resources};
 use runtime::{ServeConfig, Shutdown};
 use slab::Slab;
@@ -304,6 +304,8 @@ struct Connection {
     touched: bool,
     /// Its stream has more to send but the peer is behind: poll it once the output drains.
     stream_waits: bool,
+    /// The request whose body is going to the app as it arrives.
+    upload: Option<Box<Upload>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -742,6 +744,7 @@ impl Worker {
             sending: false,
             touched: false,
             stream_waits: false,
+            upload: None,
         });
         self.open += 1;
         self.stats.connection_opened();
@@ -806,6 +809,7 @@ impl Worker {
             return;
         };
         let now = self.now;
+        held::feed(&mut c.upload, &mut c.http);
         while let Some(req) = c.http.next_request() {
             self.stats.request();
             let id = req.id;
@@ -814,11 +818,15 @@ impl Worker {
                 token,
                 generation: c.generation,
             };
-            self.held.file(&mut c.http, key, id, reply);
+            if let Some(upload) = self.held.file(&mut c.http, key, id, reply) {
+                c.upload = Some(upload);
+            }
         }
         if c.eof && c.http.wants_read() {
             // Where the event loop's read would have returned 0.
             c.http.read_eof();
+            // An upload cut short learns of it now.
+            held::feed(&mut c.upload, &mut c.http);
         }
         if !c.sending {
             let out = c.http.output(self.headers.get(), now);

@@ -46,8 +46,9 @@ use std::time::Duration;
 use clap::Parser;
 use proto::{Conn, ReqId, Response};
 use runtime::date::ReplyHeaders;
+use runtime::held::{self, Upload};
 use runtime::listener::{AcceptBackoff, is_out_of_resources};
-use runtime::{App, Pending, Reply, Route, ServeConfig, ServerArgs, Stats, Stream, Task};
+use runtime::{App, BodySink, Pending, Reply, Route, ServeConfig, ServerArgs, Stats, Stream, Task};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
@@ -241,6 +242,8 @@ enum Awaited {
     Heavy(Task),
     Later(Pending),
     Stream(Stream),
+    /// An upload: its body is fed to the app as the connection reads it.
+    Body(Box<BodySink>),
 }
 
 /// The async twin of `runtime::blocking`'s driver: serve what is buffered, write the replies,
@@ -267,11 +270,13 @@ async fn drive(
     let deadline = sleep(Duration::from_secs(86_400));
     tokio::pin!(deadline);
     let mut stop_seen = false;
+    let mut upload: Option<Box<Upload>> = None;
     loop {
         if let Some(&since) = service.stopped_at.get() {
             http.stop_reading(since);
             stop_seen = true;
         }
+        held::feed(&mut upload, &mut http);
         while let Some((id, awaited)) = route_buffered(&mut http, service, &mut last_worker) {
             match *awaited {
                 Awaited::Heavy(task) => {
@@ -292,6 +297,7 @@ async fn drive(
                         return;
                     }
                 }
+                Awaited::Body(sink) => upload = Upload::start(&mut http, id, sink),
             }
         }
         // Every reply is ready (heavy ones were awaited): write them, as the peer takes them.
@@ -376,6 +382,7 @@ fn route_buffered(
                 http.respond(id, head);
                 Awaited::Stream(body)
             }
+            Route::Ready(Reply::Body(sink)) => Awaited::Body(sink),
             Route::Heavy(task) => Awaited::Heavy(task),
         };
         return Some((id, Box::new(awaited)));

@@ -1,0 +1,331 @@
+#!/usr/bin/env bash
+# hold.sh: what holding waiting clients costs each pattern: memory and threads per held long
+# poll or SSE subscriber, and how fast one message reaches all of them.
+#
+# Usage: scripts/hold.sh [options] [PATTERN ...]
+#
+#   PATTERN              a server crate under crates/ (default: every crate that builds a binary,
+#                        except loadgen). prefork runs twice: --mode event --workers 2, and
+#                        --mode blocking --workers --blocking-workers
+#   --mode M             long-poll (default): clients loop GET /messages?after=A&wait=30s;
+#                        sse: clients hold GET /events?type=message
+#   --clients N          clients held (default 5000; 200 with --quick)
+#   --duration S         seconds of publishing (default 10; 3 with --quick)
+#   --rate R             messages per second (default 1)
+#   --workers N          the servers' --workers (default: the number of cores)
+#   --blocking-workers N prefork --mode blocking's --workers (default 4)
+#   --commit C           the servers' --commit: async (default: the POST's own fsync stays out of
+#                        the delivery latency) or sync
+#   --timeout S          loadgen's --timeout (default 5; 2 with --quick): how long it waits for
+#                        more clients to subscribe, for a POST's reply, and for deliveries after
+#                        the last POST
+#   --quick              a small smoke run
+#   --profile P          cargo profile of the binaries: release (default) or dev
+#   --no-build           use the binaries already built
+#   --out DIR            where results go (default: results/hold-YYYYMMDD-HHMMSS)
+#
+# For each pattern in turn: start it (on 127.0.0.1:0, --max-conns above the client count for
+# each worker, thread-per-connection's --max-threads above the client count, its journal in
+# a fresh directory), read its memory idle, then run `loadgen --long-poll N` (or
+# `--subscribe N`) at --rate messages/s, reading the server's memory every 0.25 s while the
+# clients are held, and stop it. Memory is PSS (/proc/PID/smaps_rollup) summed over the
+# server's process tree, so a prefork's shared pages count once; threads are summed likewise;
+# "held" is the connections the server has accepted (socket descriptors in its processes,
+# less those it had idle, loadgen's one publishing connection included). Each is the peak of
+# the samples; per client is (PSS held - PSS idle) / held (left out under 100 held: noise).
+# Delivery latency is from the POST's send to a client's receipt; "last" is per message,
+# until the last client had it. loadgen runs on one thread, and its own time to read each
+# reply is in those latencies (docs/benchmarks.md). Server CPU per message: the CPU of its
+# process tree (cpu_ticks, lib.sh) from the last sample before publishing began to the last
+# sample, over the messages published: the fan-out, and for long polls each client's next
+# poll.
+#
+# Writes DIR/table.md (the table, with the command and the machine) and DIR/runs/NAME.json
+# (loadgen's JSON and the samples). Everything it starts is stopped on exit, including on
+# failure or Ctrl-C.
+set -euo pipefail
+
+PROG=hold
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+MODE=long-poll
+CLIENTS=
+DURATION=
+RATE=1
+WORKERS=$(nproc)
+BLOCKING_WORKERS=4
+COMMIT=async
+TIMEOUT=
+QUICK=0
+PROFILE=release
+BUILD=1
+OUT=
+PATTERNS=()
+TMP=
+ARGS=("$@")
+
+parse_args() {
+    while (($#)); do
+        case $1 in
+            --mode)
+                MODE=${2:?--mode needs a value}
+                [[ $MODE == long-poll || $MODE == sse ]] || die "--mode: long-poll or sse"
+                shift
+                ;;
+            --clients) CLIENTS=${2:?--clients needs a value}; whole "$1" "$2"; shift ;;
+            --duration) DURATION=${2:?--duration needs a value}; whole "$1" "$2"; shift ;;
+            --rate) RATE=${2:?--rate needs a value}; number "$1" "$2"; shift ;;
+            --workers) WORKERS=${2:?--workers needs a value}; whole "$1" "$2"; shift ;;
+            --blocking-workers) BLOCKING_WORKERS=${2:?}; whole "$1" "$2"; shift ;;
+            --commit)
+                COMMIT=${2:?--commit needs a value}
+                [[ $COMMIT == async || $COMMIT == sync ]] || die "--commit: async or sync"
+                shift
+                ;;
+            --timeout) TIMEOUT=${2:?--timeout needs a value}; whole "$1" "$2"; shift ;;
+            --quick) QUICK=1 ;;
+            --profile)
+                PROFILE=${2:?}
+                [[ $PROFILE == release || $PROFILE == dev ]] || die "--profile: release or dev"
+                shift
+                ;;
+            --no-build) BUILD=0 ;;
+            --out) OUT=${2:?}; shift ;;
+            -h | --help) usage; exit 0 ;;
+            -*) die "unknown option $1 (see --help)" ;;
+            *) PATTERNS+=("$1") ;;
+        esac
+        shift
+    done
+    if ((QUICK)); then
+        : "${CLIENTS:=200}" "${DURATION:=3}" "${TIMEOUT:=2}"
+    else
+        : "${CLIENTS:=5000}" "${DURATION:=10}" "${TIMEOUT:=5}"
+    fi
+    ((${#PATTERNS[@]})) || mapfile -t PATTERNS < <(all_patterns)
+    local p
+    for p in "${PATTERNS[@]}"; do
+        [[ -d $ROOT/crates/$p ]] || die "no crate crates/$p"
+    done
+    [[ -n $OUT ]] || OUT=$ROOT/results/hold-$(date +%Y%m%d-%H%M%S)
+}
+
+cleanup() {
+    set +e # stop everything even if one step fails
+    stop_all
+    [[ -n $TMP ]] && rm -rf "$TMP"
+}
+
+# ---------------------------------------------------------------- measuring
+
+# tree_sample PID: "PSS_KIB THREADS SOCKETS KSTACK_KIB" now: the first three summed over PID's
+# process tree; the last the whole machine's kernel stacks (/proc/meminfo), where a thread's
+# 16 KiB kernel stack shows, which no process's PSS counts (in the JSON only: other work on
+# the machine moves it by megabytes).
+tree_sample() {
+    local pid pss=0 threads=0 sockets=0 v kstack
+    kstack=$(awk '/^KernelStack:/ { print $2; exit }' /proc/meminfo)
+    for pid in $(proc_tree "$1"); do
+        v=$(awk '/^Pss:/ { print $2; exit }' "/proc/$pid/smaps_rollup" 2>/dev/null) || continue
+        pss=$((pss + ${v:-0}))
+        v=$(awk '/^Threads:/ { print $2; exit }' "/proc/$pid/status" 2>/dev/null) || continue
+        threads=$((threads + ${v:-0}))
+        v=$(find "/proc/$pid/fd" -lname 'socket:*' 2>/dev/null | wc -l)
+        sockets=$((sockets + v))
+    done
+    echo "$pss $threads $sockets $kstack"
+}
+
+# The runs: "NAME BINARY WORKERS FLAGS..." per line.
+runs() {
+    local p
+    for p in "${PATTERNS[@]}"; do
+        case $p in
+            prefork)
+                echo "prefork prefork 2 --mode event"
+                echo "prefork-blocking prefork $BLOCKING_WORKERS --mode blocking"
+                ;;
+            thread-per-connection) echo "$p $p $WORKERS --max-threads $((CLIENTS + 100))" ;;
+            *) echo "$p $p $WORKERS" ;;
+        esac
+    done
+}
+
+# hold NAME BINARY WORKERS FLAGS...: one fresh server, one loadgen run; appends a row to ROWS.
+hold() {
+    local name=$1 binary=$2 WORKERS=$3 dir="$TMP/$1" i
+    shift 3
+    # --max-conns above the clients (loadgen's publisher and a reconnect or two come on top),
+    # for each worker: reuseport and uring split it between their workers, and the kernel's
+    # hash does not spread the clients evenly; a worker at its share would leave the rest of
+    # its hash in its accept queue.
+    SERVER_ARGS=(--max-conns $((CLIENTS * WORKERS + 100)) --commit "$COMMIT" "$@")
+    if ! start_target "$binary" "$dir"; then
+        log "  skipped $name: the server did not start"
+        return
+    fi
+    local pid=$SERVER_PID idle peak=(0 0 0 0) s json="$dir/loadgen.json" lg rc=0
+    idle=$(tree_sample "$pid")
+    local url path flag
+    if [[ $MODE == sse ]]; then
+        flag=--subscribe path='/events?type=message'
+    else
+        flag=--long-poll path=/messages
+    fi
+    url="http://$SERVER_ADDR$path"
+    log "== $name: $binary --workers $WORKERS ${SERVER_ARGS[*]}; loadgen $flag $CLIENTS --rate $RATE -d ${DURATION}s"
+    # The server's CPU (ticks) against the time since loadgen started (ms), for its CPU per
+    # message: from the last sample before publishing began to the last one.
+    local t0=${EPOCHREALTIME/./} cpu
+    cpu=("[0,$(cpu_ticks "$pid")]")
+    "$BIN_DIR/loadgen" "$flag" "$CLIENTS" -t 1 --rate "$RATE" -d "${DURATION}s" \
+        --timeout "${TIMEOUT}s" --json "$url" >"$json" 2>"$dir/loadgen.err" &
+    lg=$!
+    LIVE[$lg]=client
+    # However the server behaves, loadgen ends: subscribing stops after --timeout without
+    # progress, deliveries are awaited --timeout after the last POST. This is a backstop.
+    local limit=$((SECONDS + DURATION + 20 * TIMEOUT + 60))
+    while alive "$lg"; do
+        if ((SECONDS > limit)); then
+            log "  loadgen still running after $((DURATION + 20 * TIMEOUT + 60)) s: stopping it"
+            kill -TERM "$lg" 2>/dev/null || true
+            break
+        fi
+        if alive "$pid"; then
+            read -ra s <<<"$(tree_sample "$pid")"
+            for i in 0 1 2 3; do ((s[i] > peak[i])) && peak[i]=${s[i]}; done
+            cpu+=("[$(((${EPOCHREALTIME/./} - t0) / 1000)),$(cpu_ticks "$pid")]")
+        fi
+        sleep 0.25
+    done
+    wait "$lg" || rc=$?
+    unset "LIVE[$lg]"
+    if ! alive "$pid"; then
+        cp "$dir/stderr" "$OUT/runs/$name.stderr"
+        log "  $name died while holding; its stderr is in $OUT/runs/$name.stderr"
+        reap "$pid" 0
+        # The panic's message, if it panicked.
+        ROWS+=("$name|died|$(grep -m1 -A1 'panicked' "$dir/stderr" | tr '\n' ' ' || tail -n 1 "$dir/stderr")")
+        return
+    fi
+    stop_pid "$pid"
+    if ((rc != 0)) || [[ ! -s $json ]]; then
+        log "  loadgen failed ($rc): $(cat "$dir/loadgen.err")"
+        ROWS+=("$name|loadgen failed|$(head -c 200 "$dir/loadgen.err")")
+        return
+    fi
+    read -ra s <<<"$idle"
+    local samples
+    samples=$(IFS=,; echo "${cpu[*]}")
+    printf '{"name":"%s","server":"%s","idle":{"pss_kib":%s,"threads":%s,"sockets":%s,"kernel_stack_kib":%s},"peak":{"pss_kib":%s,"threads":%s,"sockets":%s,"kernel_stack_kib":%s},"hz":%s,"cpu_ms_ticks":[%s],"loadgen":%s}\n' \
+        "$name" "$binary --workers $WORKERS ${SERVER_ARGS[*]}" "${s[0]}" "${s[1]}" "${s[2]}" "${s[3]}" \
+        "${peak[0]}" "${peak[1]}" "${peak[2]}" "${peak[3]}" "$HZ" "$samples" "$(cat "$json")" >"$OUT/runs/$name.json"
+    ROWS+=("$name|ok|$OUT/runs/$name.json")
+    python3 - "$OUT/runs/$name.json" <<'EOF' >&2
+import json, sys
+r = json.load(open(sys.argv[1]))
+g = r["loadgen"]
+print(f"  held {r['peak']['sockets'] - r['idle']['sockets']}, PSS {r['idle']['pss_kib']} -> {r['peak']['pss_kib']} KiB, "
+      f"threads {r['peak']['threads']}; deliveries {g['deliveries']} of {g['deliveries_expected']}, "
+      f"p50 {g['latency_us']['p50'] / 1000:.2f} ms, max {g['latency_us']['max'] / 1000:.2f} ms")
+EOF
+}
+
+# The table of every run, in markdown, from ROWS ("NAME|ok|JSON" or "NAME|PROBLEM|DETAIL").
+table() {
+    local rows="$TMP/rows"
+    printf '%s\n' "${ROWS[@]}" >"$rows"
+    python3 - "$rows" <<'EOF'
+import json, sys
+
+def ms(us):
+    return f"{us / 1000:.1f}" if us < 100_000 else f"{us / 1000:.0f}"
+
+def n(x):
+    return f"{x:,}"
+
+def cpu_per_message(r):
+    """Server CPU ms per published message, while publishing and delivering."""
+    g, samples = r["loadgen"], r["cpu_ms_ticks"]
+    start = g["setup_s"] * 1000
+    before = [s for s in samples if s[0] <= start]
+    if not before or g["messages"]["published"] == 0:
+        return "–"
+    ticks = samples[-1][1] - before[-1][1]
+    return f"{ticks / r['hz'] * 1000 / g['messages']['published']:.1f}"
+
+print("| pattern | held | PSS idle → held (MiB) | per client (KiB) | threads"
+      " | server CPU per message (ms) | delivery p50 / p99 / max (ms) | last client p50 / max (ms) | errors |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+for line in open(sys.argv[1]):
+    name, status, rest = line.rstrip("\n").split("|", 2)
+    if status != "ok":
+        print(f"| {name} | – | – | – | – | – | – | – | {status}: {rest} |")
+        continue
+    r = json.load(open(rest))
+    g, idle, peak = r["loadgen"], r["idle"], r["peak"]
+    held = peak["sockets"] - idle["sockets"]
+    # Over a handful of clients the difference is noise (a page here or there).
+    per = f"{(peak['pss_kib'] - idle['pss_kib']) / held:.1f}" if held >= 100 else "–"
+    errs = []
+    if g["subscribed"] < g["subscribers"]:
+        errs.append(f"{n(g['subscribed'])} of {n(g['subscribers'])} subscribed")
+    m = g["messages"]
+    if m["published"] < m["sent"] or m["sent"] == 0:
+        bad = ", ".join(f"{k} {v}" for k, v in m["errors"].items() if v)
+        errs.append(f"published {m['published']} of {m['sent']}" + (f" ({bad})" if bad else ""))
+    if g["missing"]:
+        errs.append(f"missing {n(g['missing'])} of {n(g['deliveries_expected'])}")
+    for k in ("gaps", "duplicates"):
+        if g[k]:
+            errs.append(f"{k} {n(g[k])}")
+    fails = ", ".join(f"{k} {n(v)}" for k, v in g["failures"].items() if v)
+    if fails:
+        errs.append(f"client failures: {fails}")
+    codes = ", ".join(f"{c}: {n(v)}" for c, v in g["status"].items() if c != "200")
+    if codes:
+        errs.append(f"replies {codes}")
+    lat, last = g["latency_us"], g["last_delivery_us"]
+    if g["deliveries"] > 0:
+        times = (f"{ms(lat['p50'])} / {ms(lat['p99'])} / {ms(lat['max'])}"
+                 f" | {ms(last['p50'])} / {ms(last['max'])}")
+    else:
+        times = "– | –"
+    print(f"| {name} | {n(held)} | {idle['pss_kib'] / 1024:.1f} → {peak['pss_kib'] / 1024:.1f}"
+          f" | {per} | {n(peak['threads'])} | {cpu_per_message(r)} | {times}"
+          f" | {'; '.join(errs) or '0'} |")
+EOF
+}
+
+main() {
+    parse_args "$@"
+    on_exit cleanup
+    TMP=$(mktemp -d "${TMPDIR:-/tmp}/hold.XXXXXX")
+    BIN_DIR=$(bin_dir)
+    if ((BUILD)); then build_patterns loadgen; fi
+    [[ -x $BIN_DIR/loadgen ]] || die "no $BIN_DIR/loadgen (build it, or drop --no-build)"
+    keep_built_patterns
+    ((${#PATTERNS[@]})) || die "nothing to measure"
+    command -v python3 >/dev/null || die "python3 not found (it formats the table)"
+    # Servers and loadgen each hold a descriptor per client.
+    ulimit -n "$(ulimit -Hn)"
+    mkdir -p "$OUT/runs"
+    ROWS=()
+    local line run
+    while read -r line; do
+        read -ra run <<<"$line"
+        hold "${run[@]}"
+    done < <(runs)
+    ((${#ROWS[@]})) || die "nothing was measured"
+    {
+        echo "\`scripts/hold.sh ${ARGS[*]}\` ($(date -u '+%Y-%m-%d %H:%M UTC'); $(nproc) cores, Linux $(uname -r);" \
+            "commit $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown); load average $(cut -d' ' -f1-3 /proc/loadavg)):" \
+            "$CLIENTS clients ($MODE), $RATE message/s for ${DURATION}s, servers --workers $WORKERS --commit $COMMIT."
+        echo
+        table
+    } | tee "$OUT/table.md"
+    echo "Saved: $OUT/table.md"
+}
+
+main "$@"
