@@ -12,7 +12,7 @@
 //!                 ┌──────── master (one thread; accepts, forks, reaps; serves nothing) ───────┐
 //!   clients ─TCP─▶│ socket+bind+listen ─▶ fd 3: accept ─▶ fork ─▶ close the master's copy     │
 //!   (at the bound │ signals, SIGCHLD ─▶ flags + self-pipe ─▶ waitpid(WNOHANG): reap, free slot │
-//!   they wait in  │ mmap(MAP_SHARED): /stats slots   jobs process: fork at start, respawn     │
+//!   they wait in  │ mmap(MAP_SHARED): /stats, stop   jobs process: fork at start, respawn     │
 //!   the backlog)  └──────┬────────────────────────┬────────────────────────┬─────────────────┘
 //!            fork at     │      fork per          │                        │
 //!            start       ▼      connection        ▼                        ▼
