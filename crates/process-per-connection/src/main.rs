@@ -64,7 +64,7 @@
 //!
 //! The code: this file holds the flags and start-up; `master.rs` the master's life (accept,
 //! fork, reap, the jobs process, stop) and its signals; `child.rs` the lives of a connection
-//! child and of the jobs process; `shared.rs` the counters in shared memory.
+//! child and of the jobs process; `shared.rs` the counters and the stop flag in shared memory.
 //!
 //! Run: `cargo run --release -p process-per-connection -- --addr 127.0.0.1:8080`
 //! then `ps -o pid,ppid,nlwp,comm -g $(pgrep -o process-per-c)` shows the master, the `jobs`
