@@ -149,6 +149,9 @@ pub(crate) fn start(app: &App, role: JobRole) -> io::Result<()> {
         }
     });
     std::mem::forget(subscription); // for the process's life
+    // Jobs handed here before the subscription (a jobs process started again) are looked for
+    // once at the start.
+    app.inner.jobs.adopt.store(true, Ordering::Release);
     for i in 0..app.inner.jobs.workers {
         let app = app.clone();
         std::thread::Builder::new()

@@ -251,6 +251,12 @@ impl App {
         view
     }
 
+    /// Brings this process's view of the journal up to the head: a process that forks children
+    /// (a process per connection) does it before each fork, so that they inherit it.
+    pub fn catch_up(&self) {
+        drop(self.view());
+    }
+
     /// One thread per process: sleeps in FUTEX_WAIT on the journal's generation word, which
     /// any process's append bumps, then catches the view up and notifies the hub.
     fn watch_journal(&self) {

@@ -96,6 +96,8 @@ pub struct Stats {
     started: Instant,
     workers: &'static [WorkerStats],
     extra_names: &'static [&'static str],
+    /// Leave out of `/stats` the slots that never served anything (see [`Stats::sparse`]).
+    sparse: bool,
 }
 
 impl Stats {
@@ -117,6 +119,7 @@ impl Stats {
             started: Instant::now(),
             workers,
             extra_names: &[],
+            sparse: false,
         }
     }
 
@@ -127,6 +130,13 @@ impl Stats {
             "at most {EXTRA_COUNTERS} extra counters"
         );
         self.extra_names = names;
+        self
+    }
+
+    /// `/stats` lists only the slots that have served something (and the first): for a
+    /// pattern with a slot per possible process, most of which may never run.
+    pub fn sparse(mut self) -> Stats {
+        self.sparse = true;
         self
     }
 
@@ -157,6 +167,9 @@ impl Stats {
                 w.held.load(Relaxed),
             );
             (accepted, open, requests, held) = (accepted + a, open + o, requests + r, held + h);
+            if self.sparse && id > 0 && (a, o, r, h) == (0, 0, 0, 0) {
+                continue;
+            }
             let sep = if id == 0 { "" } else { "," };
             let (pid, wasted) = (w.pid.load(Relaxed), w.wasted_wakeups.load(Relaxed));
             let _ = write!(

@@ -216,6 +216,13 @@ impl Server {
         if let Ok(status) = self.child.wait() {
             self.exit = Some(status);
         }
+        // The leader's exit is not the group's: a child killed with it may still be dying
+        // (and holding what it held, e.g. the data directory's lock) for a moment.
+        let group = self.child.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while group_alive(group) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     pub fn signal(&self, sig: i32) {
@@ -374,4 +381,24 @@ mod tests {
         let stat = proc_stat(std::process::id()).expect("own /proc stat");
         assert_eq!(stat.ppid, std::os::unix::process::parent_id());
     }
+}
+
+/// Whether any process of process group `pgid` is alive (not a zombie).
+fn group_alive(pgid: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            return false;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        // After the command's closing parenthesis: state, ppid, pgrp.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+        fields.len() > 2 && fields[2] == pgid.to_string() && fields[0] != "Z" && fields[0] != "X"
+    })
 }

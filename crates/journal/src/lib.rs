@@ -50,8 +50,9 @@
 //!   reads through its own copy of the index, which catches up from the shared `head`.
 //! - **Wake-ups.** One watcher thread per process loops on [`Journal::wait_for_change`], a
 //!   FUTEX_WAIT on `generation` (shared, not private: it crosses processes). An append with
-//!   no watcher makes no syscall. A watcher killed while waiting leaves `watchers` counted up:
-//!   every publish then pays one needless wake syscall, nothing worse.
+//!   no watcher makes no syscall. A watcher killed while waiting (or whose process exits)
+//!   leaves `watchers` counted up: every publish then pays one needless wake syscall, nothing
+//!   worse.
 
 mod durable;
 mod frame;
@@ -118,7 +119,7 @@ pub struct JournalStats {
     /// FUTEX_WAKE syscalls made for watchers.
     pub futex_wakes: u64,
     /// Threads in `wait_for_change` right now.
-    pub watchers: u32,
+    pub watchers: u64,
     pub head: u64,
     pub durable: u64,
     pub first_seq: u64,

@@ -35,8 +35,10 @@ pub struct Shared {
     pub end_len: AtomicU64,
     /// Futex word: bumped after each publish that moves the head (and by `wake_watchers`).
     pub generation: AtomicU32,
-    /// Threads blocked on `generation`; a publish with none makes no syscall.
-    pub watchers: AtomicU32,
+    /// Threads blocked on `generation`; a publish with none makes no syscall. 64 bits: a
+    /// process that exits while its watcher waits leaves it counted up for good, and a process
+    /// per connection does that once per connection (32 bits would wrap within days).
+    pub watchers: AtomicU64,
     /// Futex word: bumped each time `flush_lock` is released, so a group commit's followers
     /// wait for the flush in progress to finish rather than for the lock.
     pub flushes: AtomicU32,

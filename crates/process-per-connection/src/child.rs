@@ -21,7 +21,7 @@ use std::sync::Arc;
 use nix::sys::signal::{SigHandler, Signal, signal};
 use nix::unistd::{Pid, getppid};
 use runtime::blocking::{Context, OpenConns, ThreadPark, serve};
-use runtime::{App, JobRole, Routable, ServeConfig};
+use runtime::{App, JobRole, ServeConfig};
 
 use crate::master::master_signal_set;
 use crate::shared::{JOBS_SLOT, StopFlag};
@@ -41,39 +41,13 @@ pub struct Setup {
 impl Setup {
     /// Brings the master's view of the journal (and its read index) up to the head, so that a
     /// child forked now inherits it instead of reading again every record appended since the
-    /// master started: that was 2 ms per connection once 2000 messages had been posted. The
-    /// app has no call that only catches up; every read of the journal does, and the cheapest
-    /// is a look for a job that cannot exist (ids are seqs, from 1).
+    /// master started: that was 2 ms per connection once 2000 messages had been posted.
     pub fn catch_up(&mut self) {
         let head = self.app.journal().head();
         if head != self.caught_up {
             self.caught_up = head;
-            let _ = self.app.route(&NoSuchJob);
+            self.app.catch_up();
         }
-    }
-}
-
-/// `GET /jobs/0`.
-struct NoSuchJob;
-
-impl Routable for NoSuchJob {
-    fn method(&self) -> &str {
-        "GET"
-    }
-    fn path(&self) -> &str {
-        "/jobs/0"
-    }
-    fn query(&self) -> Option<&str> {
-        None
-    }
-    fn query_param(&self, _: &str) -> Option<&str> {
-        None
-    }
-    fn header(&self, _: &str) -> Option<&[u8]> {
-        None
-    }
-    fn body(&self) -> &[u8] {
-        &[]
     }
 }
 

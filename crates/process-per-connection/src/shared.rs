@@ -31,7 +31,9 @@ const EXTRA: &[&str] = &["forks"];
 /// The server's `/stats` counters: the jobs process's slot and `children` slots for the
 /// connection children, in a mapping every child inherits.
 pub fn stats(children: usize) -> io::Result<Stats> {
-    let stats = Stats::with_slots(PATTERN, slots(children + 1)?).with_extra(EXTRA);
+    let stats = Stats::with_slots(PATTERN, slots(children + 1)?)
+        .with_extra(EXTRA)
+        .sparse();
     for slot in stats.workers() {
         vacate(slot);
     }

@@ -1,14 +1,22 @@
-//! The journal's promises on a damaged log: a torn end is cut and reported in one line, damage
-//! in the middle stops the server at start-up, naming the file and the offset.
-//!
-//! Not here yet: the shared check that SIGKILLs the whole process group mid-load and restarts
-//! on the same journal (`blackbox::checks::acked_writes_survive_kill_9`). It restarts as soon
-//! as the master is reaped, and with 50 children some may not have run their exit yet: they
-//! still hold the journal's directory lock, and the restart is refused (`in use`), as it
-//! should be while any old process lives. It passes once the harness waits for the whole
-//! group.
+//! The journal's promises across a crash, with a process per connection: acknowledged writes
+//! survive kill -9 of the whole process group (the master, the jobs process and every
+//! connection's child) under load, with `--commit sync` and `--commit async`; damaged logs: a
+//! torn end is cut and reported in one line, damage in the middle stops the server at
+//! start-up, naming the file and the offset.
 
 const BIN: &str = env!("CARGO_BIN_EXE_process-per-connection");
+
+#[test]
+fn acked_writes_survive_kill_9_with_sync_commit() {
+    let (recovery, acked) = blackbox::checks::acked_writes_survive_kill_9(BIN, &[], "sync");
+    eprintln!("{acked} acknowledged before the kill; after it: {recovery}");
+}
+
+#[test]
+fn acked_writes_survive_kill_9_with_async_commit() {
+    let (recovery, acked) = blackbox::checks::acked_writes_survive_kill_9(BIN, &[], "async");
+    eprintln!("{acked} acknowledged before the kill; after it: {recovery}");
+}
 
 #[test]
 fn damaged_logs_are_recovered_or_refused() {

@@ -191,7 +191,7 @@ fn drive<S: BlockingStream, P: Park>(
             timeout = Some(timeout.map_or(FRESH_CHECK, |t| t.min(FRESH_CHECK)));
         }
         // SO_RCVTIMEO of zero means "no timeout": a deadline already here waits a millisecond.
-        let timeout = timeout.map(|t| t.max(Duration::from_millis(1)));
+        let timeout = timeout.map(|t| quantize(t).max(Duration::from_millis(1)));
         if timeout_set != Some(timeout) {
             if stream.set_read_timeout(timeout).is_err() {
                 return;
@@ -272,6 +272,16 @@ fn stream_out<S: BlockingStream, P: Park>(
     };
     cx.stats.release();
     ok
+}
+
+/// A read timeout rounded up to a quarter second. The time left to a deadline shrinks with
+/// every read, and setting it exactly would cost a setsockopt per request; rounded, a
+/// keep-alive connection sets it once (its idle timeout), and a deadline is met at most
+/// 250 ms late (proto then decides what the timeout means).
+fn quantize(t: Duration) -> Duration {
+    const STEP_MS: u128 = 250;
+    let ms = t.as_millis().div_ceil(STEP_MS) * STEP_MS;
+    Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
 }
 
 /// How long to park for a deadline: at least a millisecond, since a timer may fire a little
