@@ -147,6 +147,7 @@ runs() {
                 echo "prefork-blocking prefork $BLOCKING_WORKERS --mode blocking"
                 ;;
             thread-per-connection) echo "$p $p $WORKERS --max-threads $((CLIENTS + 100))" ;;
+            process-per-connection) echo "$p $p $WORKERS --max-children $((CLIENTS + 100))" ;;
             *) echo "$p $p $WORKERS" ;;
         esac
     done
