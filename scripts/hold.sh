@@ -147,7 +147,6 @@ runs() {
                 echo "prefork-blocking prefork $BLOCKING_WORKERS --mode blocking"
                 ;;
             thread-per-connection) echo "$p $p $WORKERS --max-threads $((CLIENTS + 100))" ;;
-            process-per-connection) echo "$p $p $WORKERS --max-children $((CLIENTS + 100))" ;;
             *) echo "$p $p $WORKERS" ;;
         esac
     done
@@ -301,6 +300,8 @@ EOF
 
 main() {
     parse_args "$@"
+    # process-per-connection: a child per client (lib.sh's start_target passes it).
+    MAX_CHILDREN=$((CLIENTS + 100))
     on_exit cleanup
     TMP=$(mktemp -d "${TMPDIR:-/tmp}/hold.XXXXXX")
     BIN_DIR=$(bin_dir)

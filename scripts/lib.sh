@@ -282,9 +282,9 @@ start_target() {
         "${LAUNCH[@]}" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" 2>"$dir/stderr" >/dev/null &
     else
         local own=()
-        # A process per connection forks at most --max-children (1024 by default): compare.sh's
-        # idle workload holds 5000 connections.
-        [[ $target == process-per-connection ]] && own=(--max-children 6000)
+        # A process per connection forks at most --max-children (1024 by default); the scripts
+        # hold thousands of connections (MAX_CHILDREN: a script's own bound).
+        [[ $target == process-per-connection ]] && own=(--max-children "${MAX_CHILDREN:-6000}")
         "${LAUNCH[@]}" "$BIN_DIR/$target" --addr 127.0.0.1:0 --workers "$WORKERS" --shutdown-timeout 2s \
             --data-dir "$dir/data" "${own[@]}" "${SERVER_ARGS[@]}" 2>"$dir/stderr" >/dev/null &
     fi
