@@ -90,31 +90,44 @@ impl App {
             out.extend_from_slice(b"retry: 2000\n\n");
             ev.started = true;
         }
-        let view = self.view();
-        let applied = view.applied;
-        let events = match view.events_after(ev.cursor, BATCH, ev.kind) {
-            Some(events) => events,
-            None => {
+        // The hub calls for every append and every commit: most calls have nothing new for
+        // a subscriber already at the head, and need not take the view's lock.
+        let mut more = false;
+        if self.journal().head() > ev.cursor {
+            let (after, kind) = (ev.cursor, ev.kind);
+            let mut cursor = after;
+            let mut sent = 0;
+            let mut take = |e: &crate::view::Event| {
+                if sent == BATCH || (sent > 0 && out.len() + e.sse.len() > budget) {
+                    more = true;
+                    return false;
+                }
+                out.extend_from_slice(&e.sse);
+                cursor = e.seq;
+                sent += 1;
+                true
+            };
+            let view = self.view();
+            let applied = view.applied;
+            let mut full = false;
+            if view.each_event_after(after, kind, &mut take).is_none() {
+                // Past the ring (a subscriber far behind): from the journal's files.
                 drop(view);
-                match read_events(self.journal(), ev.cursor, BATCH, ev.kind) {
+                let events = match read_events(self.journal(), after, BATCH, kind) {
                     Ok(events) => events,
                     Err(_) => return false,
+                };
+                full = events.len() == BATCH;
+                for e in &events {
+                    if !take(e) {
+                        break;
+                    }
                 }
             }
-        };
-        // All matching events up to `applied` are in hand unless the batch was full, or the
-        // budget ran out first.
-        let mut more = events.len() == BATCH;
-        for (i, e) in events.iter().enumerate() {
-            if i > 0 && out.len() + e.sse.len() > budget {
-                more = true;
-                break;
-            }
-            out.extend_from_slice(&e.sse);
-            ev.cursor = e.seq;
-        }
-        if !more {
-            ev.cursor = applied.max(ev.cursor);
+            more |= full;
+            // All matching events up to `applied` are in hand unless the batch was full, or
+            // the budget ran out first.
+            ev.cursor = if more { cursor } else { applied.max(cursor) };
         }
         let keep_alive = self.inner.sse_keep_alive;
         if !out.is_empty() {

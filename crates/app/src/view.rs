@@ -238,6 +238,27 @@ impl View {
         Some(picked)
     }
 
+    /// Calls `f` with each event after `after` (of `kind`, if given), in order, until it
+    /// returns false; `None` if the ring no longer holds them. No copy of the list is made:
+    /// a fan-out calls this once per subscriber.
+    pub fn each_event_after(
+        &self,
+        after: u64,
+        kind: Option<EventKind>,
+        mut f: impl FnMut(&Event) -> bool,
+    ) -> Option<()> {
+        if after < self.ring_from {
+            return None;
+        }
+        let start = self.events.partition_point(|e| e.seq <= after);
+        for e in self.events.range(start..) {
+            if kind.is_none_or(|k| e.kind == k) && !f(e) {
+                break;
+            }
+        }
+        Some(())
+    }
+
     pub fn watch_cancel(&mut self, id: u64) -> Arc<AtomicBool> {
         let flag = Arc::new(AtomicBool::new(false));
         self.cancels.insert(id, flag.clone());
