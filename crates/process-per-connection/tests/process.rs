@@ -36,7 +36,11 @@ fn each_connection_has_a_child_process_of_its_own() {
 
     let (stats, text) = fetch_stats(server.addr());
     let slots = slots(&stats);
-    assert_eq!(slots.len(), 9, "the jobs process and 8 children: {text}");
+    // The jobs process and 8 children's slots; those that never served are left out.
+    assert!(
+        slots.len() <= 9 && slots.iter().all(|s| s.id <= 8),
+        "the jobs process and at most 8 children: {text}"
+    );
     for (pid, name) in &children {
         let slot = slots.iter().find(|s| s.pid == *pid);
         let slot = slot.unwrap_or_else(|| panic!("{name} (pid {pid}) has no slot: {text}"));

@@ -1050,7 +1050,8 @@ impl Conn {
         match &self.reading {
             Reading::Stopped => false,
             // The body's consumer sets the pace; a body being dropped flows at once.
-            Reading::Streaming(s) => s.discard || self.end - self.start < STREAM_BUFFER,
+            // Room for a full read left within STREAM_BUFFER: the buffer never grows past it.
+            Reading::Streaming(s) => s.discard || self.end - self.start + MIN_READ <= STREAM_BUFFER,
             _ => {
                 self.slots.len() < self.config.limits.max_pipeline
                     && self.backlog() < OUTPUT_HIGH_WATER
