@@ -5,14 +5,17 @@
 // servers' tests.
 //
 //   node tus-upload.mjs ENDPOINT FILE [--chunk-size N] [--parallel N] [--retry-delays 0,100,..]
+//                       [--override-patch true]
 //
 // --chunk-size: bytes per PATCH (default: the whole file in one PATCH); --parallel: that many
 // partial uploads at once, then a final one that concatenates them (the concatenation
-// extension); --retry-delays: ms to wait before each retry (default: the client's own).
+// extension); --retry-delays: ms to wait before each retry (default: the client's own);
+// --override-patch true: each PATCH is sent as a POST with `X-HTTP-Method-Override: PATCH`.
 import { createReadStream } from 'node:fs'
 import { Upload, defaultOptions } from 'tus-js-client'
 
-const usage = 'usage: node tus-upload.mjs ENDPOINT FILE [--chunk-size N] [--parallel N] [--retry-delays MS,MS,..]'
+const usage =
+  'usage: node tus-upload.mjs ENDPOINT FILE [--chunk-size N] [--parallel N] [--retry-delays MS,MS,..] [--override-patch true]'
 const [endpoint, file, ...flags] = process.argv.slice(2)
 if (!endpoint || !file) {
   console.error(usage)
@@ -28,6 +31,7 @@ for (let i = 0; i < flags.length; i += 2) {
   if (flag === '--chunk-size') options.chunkSize = Number(value)
   else if (flag === '--parallel') options.parallelUploads = Number(value)
   else if (flag === '--retry-delays') options.retryDelays = value.split(',').map(Number)
+  else if (flag === '--override-patch') options.overridePatchMethod = value === 'true'
   else {
     console.error(`unknown flag ${flag}\n${usage}`)
     process.exit(2)

@@ -137,6 +137,7 @@ macro_rules! suite {
             plain_upload_streams_past_max_body,
             tus_js_chunked_upload,
             tus_js_parallel_uploads,
+            tus_js_method_override,
             tus_js_resumes_after_cut,
             tuspy_chunked_upload,
             tuspy_resumes_after_cut,

@@ -1,9 +1,10 @@
 //! Real tus clients that nobody here wrote upload to the server: tus-js-client (npm, in node)
 //! and tuspy (PyPI, in python3), run from `clients/` (`tus-upload.mjs`, `tus_upload.py`). They
-//! upload in chunks, in parallel parts joined by concatenation, and through a [`Proxy`] that
-//! cuts the first PATCH mid-body, after which they must resume from the offset the server kept
-//! (a HEAD, then a PATCH from there) without sending again what the server acknowledged. Each
-//! download must have the file's SHA-256.
+//! upload in chunks; in parallel parts joined by concatenation; with each PATCH sent as a POST
+//! and `X-HTTP-Method-Override`; and through a [`Proxy`] that cuts the first PATCH mid-body,
+//! after which they must resume from the offset the server kept (a HEAD, then a PATCH from
+//! there) without sending again what the server acknowledged. Each download must have the
+//! file's SHA-256.
 //!
 //! Needs node with `npm ci --prefix clients`, and python3 with
 //! `python3 -m pip install -r clients/requirements.txt` (`.ci/run` does both); without them
@@ -68,6 +69,27 @@ pub fn tus_js_parallel_uploads(bin: &str, args: &[&str]) {
     assert!(
         concat.starts_with("final;") && concat.split(' ').count() == 3,
         "the upload is the final of three parts:\n{r:?}"
+    );
+    file.assert_download(server.addr(), &path);
+}
+
+/// tus-js-client with `overridePatchMethod`, for environments that cannot send PATCH: each
+/// PATCH goes as a POST with `X-HTTP-Method-Override: PATCH`, which the server must honour.
+pub fn tus_js_method_override(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    let file = SourceFile::new(MIB + 99, 46);
+    let endpoint = format!("http://{}/files/", server.addr());
+    let chunk = (MIB / 2).to_string();
+    let report = tus_js(
+        &endpoint,
+        &file,
+        &["--chunk-size", &chunk, "--override-patch", "true"],
+    );
+    let path = succeeded(&report, &file);
+    assert_eq!(
+        (statuses(&report, "POST"), statuses(&report, "PATCH")),
+        (vec![201, 204, 204, 204], vec![]),
+        "the creation, then three PATCHes sent as POSTs: {report:?}"
     );
     file.assert_download(server.addr(), &path);
 }
