@@ -57,7 +57,7 @@ pub struct Proxy {
 struct Shared {
     upstream: SocketAddr,
     /// Cut the first PATCH after this many body bytes.
-    cut_after: Option<u64>,
+    cut_after: u64,
     /// Whether a PATCH has been picked to be cut (only the first one is).
     cut_claimed: AtomicBool,
     stopping: AtomicBool,
@@ -68,22 +68,9 @@ struct Shared {
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
-impl Proxy {
-    /// A proxy to `upstream` that forwards everything.
-    pub fn start(upstream: SocketAddr) -> Proxy {
-        Proxy::spawn(upstream, None)
-    }
-
-    /// A proxy to `upstream` that cuts the connection of the first PATCH once `body_bytes` of
-    /// its body have been forwarded (client and server sides both shut down).
-    pub fn cutting_first_patch(upstream: SocketAddr, body_bytes: u64) -> Proxy {
-        Proxy::spawn(upstream, Some(body_bytes))
-    }
-
-    fn spawn(upstream: SocketAddr, cut_after: Option<u64>) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy on 127.0.0.1:0");
-        let addr = listener.local_addr().expect("the proxy's address");
-        let shared = Arc::new(Shared {
+impl Shared {
+    fn new(upstream: SocketAddr, cut_after: u64) -> Shared {
+        Shared {
             upstream,
             cut_after,
             cut_claimed: AtomicBool::new(false),
@@ -92,7 +79,17 @@ impl Proxy {
             log: Mutex::new(Vec::new()),
             open: Mutex::new(HashMap::new()),
             threads: Mutex::new(Vec::new()),
-        });
+        }
+    }
+}
+
+impl Proxy {
+    /// A proxy to `upstream` that cuts the connection of the first PATCH once `cut_after`
+    /// bytes of its body have been forwarded (client and server sides both shut down).
+    pub fn cutting_first_patch(upstream: SocketAddr, cut_after: u64) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy on 127.0.0.1:0");
+        let addr = listener.local_addr().expect("the proxy's address");
+        let shared = Arc::new(Shared::new(upstream, cut_after));
         let acceptor = {
             let shared = Arc::clone(&shared);
             thread::Builder::new()
@@ -368,16 +365,13 @@ impl Tap<'_> {
                 _ => {}
             }
         }
-        let cut_at = self
-            .shared
-            .cut_after
-            .filter(|_| method == "PATCH")
-            .filter(|_| {
-                self.shared
-                    .cut_claimed
-                    .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-            });
+        let first_patch = method == "PATCH"
+            && self
+                .shared
+                .cut_claimed
+                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok();
+        let cut_at = first_patch.then_some(self.shared.cut_after);
         let left = if chunked {
             None
         } else {
@@ -412,17 +406,8 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn shared(cut_after: Option<u64>) -> Shared {
-        Shared {
-            upstream: SocketAddr::from(([127, 0, 0, 1], 9)),
-            cut_after,
-            cut_claimed: AtomicBool::new(false),
-            stopping: AtomicBool::new(false),
-            next_connection: AtomicUsize::new(0),
-            log: Mutex::new(Vec::new()),
-            open: Mutex::new(HashMap::new()),
-            threads: Mutex::new(Vec::new()),
-        }
+    fn shared(cut_after: u64) -> Shared {
+        Shared::new(SocketAddr::from(([127, 0, 0, 1], 9)), cut_after)
     }
 
     const POST: &[u8] = b"POST /files/ HTTP/1.1\r\nHost: x\r\nUpload-Length: 10\r\n\r\n";
@@ -450,7 +435,7 @@ mod tests {
         stream.extend_from_slice(b"abcdefg");
         stream.extend_from_slice(b"HEAD /files/a HTTP/1.1\r\nHost: x\r\n\r\n");
         for step in [1, 2, 5, 64, stream.len()] {
-            let shared = shared(None);
+            let shared = shared(u64::MAX);
             let mut tap = Tap {
                 shared: &shared,
                 connection: 0,
@@ -473,7 +458,7 @@ mod tests {
     #[test]
     fn cuts_the_first_patch_at_the_byte() {
         for step in [1, 3, 64] {
-            let shared = shared(Some(4));
+            let shared = shared(4);
             let mut tap = Tap {
                 shared: &shared,
                 connection: 0,
