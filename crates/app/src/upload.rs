@@ -42,9 +42,10 @@ const READ_PIECE: usize = 256 * 1024;
 
 /// Whether a request's body goes to the application as it arrives (see
 /// `proto::Config::stream_body`): the upload routes. Every other body is buffered whole.
+/// A POST to `/files/ID` may be a PATCH under `X-HTTP-Method-Override`, which this cannot see.
 pub fn streams_body(method: &str, path: &str) -> bool {
     match method {
-        "POST" => matches!(path, "/files" | "/files/" | "/upload"),
+        "POST" => matches!(path, "/files" | "/upload") || path.starts_with("/files/"),
         "PATCH" => path.starts_with("/files/"),
         _ => false,
     }
@@ -439,6 +440,12 @@ impl App {
                 _ => tus(crate::not_allowed("OPTIONS, POST")).into(),
             };
         }
+        // tus core: a client that cannot send PATCH or DELETE (tus-js-client with
+        // `overridePatchMethod`) sends a POST naming the method it means.
+        let method = match (method, header_str(req, "x-http-method-override")) {
+            ("POST", Some(meant @ ("PATCH" | "DELETE"))) => meant,
+            _ => method,
+        };
         if method == "OPTIONS" {
             return self.tus_options().into();
         }

@@ -11,11 +11,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 mod app;
+mod clients;
 mod crash;
 mod idempotency;
 mod push;
 mod upload;
 pub use app::*;
+pub use clients::*;
 pub use crash::*;
 pub use idempotency::*;
 pub use push::*;

@@ -31,6 +31,7 @@
 pub mod checks;
 pub mod client;
 pub mod json;
+pub mod proxy;
 pub mod server;
 pub mod sse;
 
@@ -134,6 +135,12 @@ macro_rules! suite {
             tus_concatenation_out_of_order,
             tus_termination_and_expiry,
             plain_upload_streams_past_max_body,
+            tus_js_chunked_upload,
+            tus_js_parallel_uploads,
+            tus_js_method_override,
+            tus_js_resumes_after_cut,
+            tuspy_chunked_upload,
+            tuspy_resumes_after_cut,
         );
     };
     ($bin:expr $(,)?) => {
