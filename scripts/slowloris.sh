@@ -14,7 +14,7 @@
 #   --conns N            trickling connections (default 1000; 200 with --quick)
 #   --header-timeout S   the servers' --header-timeout in seconds (default 5; 2 with --quick)
 #   --duration S         seconds the ordinary client runs, once every trickling connection has
-#                        sent its first byte (default 20; 6 with --quick)
+#                        sent its first byte (default 30; 6 with --quick)
 #   --rate R             the ordinary client's requests per second (default 10)
 #   --client-timeout S   the ordinary client gives up on a request after S seconds (default 10;
 #                        4 with --quick): a failure
@@ -89,7 +89,7 @@ parse_args() {
     if ((QUICK)); then
         : "${CONNS:=200}" "${HEADER_TIMEOUT:=2}" "${DURATION:=6}" "${CLIENT_TIMEOUT:=4}"
     else
-        : "${CONNS:=1000}" "${HEADER_TIMEOUT:=5}" "${DURATION:=20}" "${CLIENT_TIMEOUT:=10}"
+        : "${CONNS:=1000}" "${HEADER_TIMEOUT:=5}" "${DURATION:=30}" "${CLIENT_TIMEOUT:=10}"
     fi
     : "${BOUNDED:=$((CONNS / 4 > 0 ? CONNS / 4 : 1))}"
     ((BOUNDED < CONNS)) || die "--bounded-threads: must be below --conns ($CONNS)"
