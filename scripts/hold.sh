@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # hold.sh: what holding waiting clients costs each pattern: memory and threads per held long
-# poll or SSE subscriber, and how fast one message reaches all of them.
+# poll, SSE subscriber or idle keep-alive connection, and how fast one message reaches all of
+# them.
 #
 # Usage: scripts/hold.sh [options] [PATTERN ...]
 #
 #   PATTERN              a server crate under crates/ (default: every crate that builds a binary,
-#                        except loadgen). prefork runs twice: --mode event --workers 2, and
-#                        --mode blocking --workers --blocking-workers
+#                        except loadgen), or nginx (--mode idle only; in the default set there).
+#                        prefork runs twice: --mode event --workers 2, and --mode blocking
+#                        --workers --blocking-workers; nginx twice: 1 worker and --workers
 #   --mode M             long-poll (default): clients loop GET /messages?after=A&wait=30s;
-#                        sse: clients hold GET /events?type=message
+#                        sse: clients hold GET /events?type=message;
+#                        idle: each client sends one GET / on a keep-alive connection, reads
+#                        the reply, then sends nothing for --duration (loadgen -c 0 --idle N
+#                        --idle-request); the servers get --idle-timeout past the run
 #   --clients N          clients held (default 5000; 200 with --quick)
-#   --duration S         seconds of publishing (default 10; 3 with --quick)
+#   --duration S         seconds of publishing, or of holding with --mode idle (default 10;
+#                        3 with --quick)
 #   --rate R             messages per second (default 1)
 #   --workers N          the servers' --workers (default: the number of cores)
 #   --blocking-workers N prefork --mode blocking's --workers (default 4)
@@ -19,6 +25,7 @@
 #   --timeout S          loadgen's --timeout (default 5; 2 with --quick): how long it waits for
 #                        more clients to subscribe, for a POST's reply, and for deliveries after
 #                        the last POST
+#   --no-nginx           leave nginx out of --mode idle's default set
 #   --quick              a small smoke run
 #   --profile P          cargo profile of the binaries: release (default) or dev
 #   --no-build           use the binaries already built
@@ -39,6 +46,11 @@
 # process tree (cpu_ticks, lib.sh) from the last sample before publishing began to the last
 # sample, over the messages published: the fan-out, and for long polls each client's next
 # poll.
+#
+# --mode idle reports instead, per server: connections held and answered, PSS idle and held,
+# bytes per connection, threads, and the kernel stacks PSS leaves out: 16 KiB (x86_64's
+# THREAD_SIZE) per thread the connections added, and the machine's KernelStack
+# (/proc/meminfo) held less idle, which other work on the machine moves too.
 #
 # Writes DIR/table.md (the table, with the command and the machine) and DIR/runs/NAME.json
 # (loadgen's JSON and the samples). Everything it starts is stopped on exit, including on
@@ -62,6 +74,7 @@ PROFILE=release
 BUILD=1
 OUT=
 PATTERNS=()
+NGINX=    # nginx runs too (--mode idle): 1, or 0 with --no-nginx
 TMP=
 ARGS=("$@")
 
@@ -70,7 +83,8 @@ parse_args() {
         case $1 in
             --mode)
                 MODE=${2:?--mode needs a value}
-                [[ $MODE == long-poll || $MODE == sse ]] || die "--mode: long-poll or sse"
+                [[ $MODE == long-poll || $MODE == sse || $MODE == idle ]] ||
+                    die "--mode: long-poll, sse or idle"
                 shift
                 ;;
             --clients) CLIENTS=${2:?--clients needs a value}; whole "$1" "$2"; shift ;;
@@ -91,9 +105,11 @@ parse_args() {
                 shift
                 ;;
             --no-build) BUILD=0 ;;
+            --no-nginx) NGINX=0 ;;
             --out) OUT=${2:?}; shift ;;
             -h | --help) usage; exit 0 ;;
             -*) die "unknown option $1 (see --help)" ;;
+            nginx) NGINX=1 ;;
             *) PATTERNS+=("$1") ;;
         esac
         shift
@@ -103,7 +119,17 @@ parse_args() {
     else
         : "${CLIENTS:=5000}" "${DURATION:=10}" "${TIMEOUT:=5}"
     fi
-    ((${#PATTERNS[@]})) || mapfile -t PATTERNS < <(all_patterns)
+    if [[ $MODE != idle && $NGINX == 1 ]]; then
+        die "nginx: --mode idle only (it answers every path with the hello)"
+    fi
+    if ((${#PATTERNS[@]} == 0)) && [[ $NGINX != 1 ]]; then
+        mapfile -t PATTERNS < <(all_patterns)
+        if [[ $MODE == idle && $NGINX != 0 ]]; then NGINX=1; fi
+    fi
+    if [[ $NGINX == 1 ]] && ! command -v nginx >/dev/null; then
+        log "skipping nginx: not installed (apt-get install -y nginx-light)"
+        NGINX=0
+    fi
     local p
     for p in "${PATTERNS[@]}"; do
         [[ -d $ROOT/crates/$p ]] || die "no crate crates/$p"
@@ -150,6 +176,11 @@ runs() {
             *) echo "$p $p $WORKERS" ;;
         esac
     done
+    if [[ $NGINX == 1 ]]; then
+        echo "nginx-1 nginx 1"
+        ((WORKERS > 1)) && echo "nginx-$WORKERS nginx $WORKERS"
+    fi
+    return 0
 }
 
 # hold NAME BINARY WORKERS FLAGS...: one fresh server, one loadgen run; appends a row to ROWS.
@@ -161,34 +192,47 @@ hold() {
     # hash does not spread the clients evenly; a worker at its share would leave the rest of
     # its hash in its accept queue.
     SERVER_ARGS=(--max-conns $((CLIENTS * WORKERS + 100)) --commit "$COMMIT" "$@")
+    # Idle connections must outlast the run: loadgen's setup, then --duration of holding.
+    local hold_s=$((DURATION + 20 * TIMEOUT + 60))
+    if [[ $MODE == idle ]]; then
+        SERVER_ARGS+=(--idle-timeout "${hold_s}s")
+        NGINX_KEEPALIVE=${hold_s}s
+        # Once fewer than 1/16 of its worker_connections are free, an nginx worker closes up
+        # to 32 idle keep-alive connections at a time to make room (ngx_drain_connections):
+        # keep 1/15 spare, whatever the clients.
+        NGINX_CONNECTIONS=$((CLIENTS + CLIENTS / 15 + 100))
+        ((NGINX_CONNECTIONS > 16000)) || NGINX_CONNECTIONS=16000
+    fi
     if ! start_target "$binary" "$dir"; then
         log "  skipped $name: the server did not start"
         return
     fi
     local pid=$SERVER_PID idle peak=(0 0 0 0) s json="$dir/loadgen.json" lg rc=0
     idle=$(tree_sample "$pid")
-    local url path flag
-    if [[ $MODE == sse ]]; then
-        flag=--subscribe path='/events?type=message'
-    else
-        flag=--long-poll path=/messages
-    fi
+    local url path load
+    case $MODE in
+        sse) load=(--subscribe "$CLIENTS" --rate "$RATE") path='/events?type=message' ;;
+        long-poll) load=(--long-poll "$CLIENTS" --rate "$RATE") path=/messages ;;
+        idle) load=(-c 0 --idle "$CLIENTS" --idle-request) path=/ ;;
+    esac
     url="http://$SERVER_ADDR$path"
-    log "== $name: $binary --workers $WORKERS ${SERVER_ARGS[*]}; loadgen $flag $CLIENTS --rate $RATE -d ${DURATION}s"
+    local shown="$binary --workers $WORKERS ${SERVER_ARGS[*]}"
+    [[ $binary == nginx ]] && shown="nginx: worker_processes $WORKERS, keepalive_timeout $NGINX_KEEPALIVE"
+    log "== $name: $shown; loadgen ${load[*]} -d ${DURATION}s"
     # The server's CPU (ticks) against the time since loadgen started (ms), for its CPU per
     # message: from the last sample before publishing began to the last one.
     local t0=${EPOCHREALTIME/./} cpu
     cpu=("[0,$(cpu_ticks "$pid")]")
-    "$BIN_DIR/loadgen" "$flag" "$CLIENTS" -t 1 --rate "$RATE" -d "${DURATION}s" \
+    "$BIN_DIR/loadgen" "${load[@]}" -t 1 -d "${DURATION}s" \
         --timeout "${TIMEOUT}s" --json "$url" >"$json" 2>"$dir/loadgen.err" &
     lg=$!
     LIVE[$lg]=client
     # However the server behaves, loadgen ends: subscribing stops after --timeout without
     # progress, deliveries are awaited --timeout after the last POST. This is a backstop.
-    local limit=$((SECONDS + DURATION + 20 * TIMEOUT + 60))
+    local limit=$((SECONDS + hold_s))
     while alive "$lg"; do
         if ((SECONDS > limit)); then
-            log "  loadgen still running after $((DURATION + 20 * TIMEOUT + 60)) s: stopping it"
+            log "  loadgen still running after $hold_s s: stopping it"
             kill -TERM "$lg" 2>/dev/null || true
             break
         fi
@@ -219,13 +263,19 @@ hold() {
     local samples
     samples=$(IFS=,; echo "${cpu[*]}")
     printf '{"name":"%s","server":"%s","idle":{"pss_kib":%s,"threads":%s,"sockets":%s,"kernel_stack_kib":%s},"peak":{"pss_kib":%s,"threads":%s,"sockets":%s,"kernel_stack_kib":%s},"hz":%s,"cpu_ms_ticks":[%s],"loadgen":%s}\n' \
-        "$name" "$binary --workers $WORKERS ${SERVER_ARGS[*]}" "${s[0]}" "${s[1]}" "${s[2]}" "${s[3]}" \
+        "$name" "$shown" "${s[0]}" "${s[1]}" "${s[2]}" "${s[3]}" \
         "${peak[0]}" "${peak[1]}" "${peak[2]}" "${peak[3]}" "$HZ" "$samples" "$(cat "$json")" >"$OUT/runs/$name.json"
     ROWS+=("$name|ok|$OUT/runs/$name.json")
     python3 - "$OUT/runs/$name.json" <<'EOF' >&2
 import json, sys
 r = json.load(open(sys.argv[1]))
 g = r["loadgen"]
+if "deliveries" not in g:
+    held = r["peak"]["sockets"] - r["idle"]["sockets"]
+    per = (r["peak"]["pss_kib"] - r["idle"]["pss_kib"]) * 1024 / max(held, 1)
+    print(f"  held {held}, answered {g['idle_answered']} of {g['idle']}, PSS {r['idle']['pss_kib']} -> "
+          f"{r['peak']['pss_kib']} KiB ({per:.0f} B per connection), threads {r['peak']['threads']}")
+    sys.exit(0)
 print(f"  held {r['peak']['sockets'] - r['idle']['sockets']}, PSS {r['idle']['pss_kib']} -> {r['peak']['pss_kib']} KiB, "
       f"threads {r['peak']['threads']}; deliveries {g['deliveries']} of {g['deliveries_expected']}, "
       f"p50 {g['latency_us']['p50'] / 1000:.2f} ms, max {g['latency_us']['max'] / 1000:.2f} ms")
@@ -298,6 +348,64 @@ for line in open(sys.argv[1]):
 EOF
 }
 
+# One line on what each run did, for the table's heading.
+what_ran() {
+    if [[ $MODE == idle ]]; then
+        echo "$CLIENTS keep-alive connections, each after one GET / and its reply, held for ${DURATION}s" \
+            "(loadgen -c 0 --idle $CLIENTS --idle-request); servers --workers $WORKERS."
+    else
+        echo "$CLIENTS clients ($MODE), $RATE message/s for ${DURATION}s, servers --workers $WORKERS --commit $COMMIT."
+    fi
+}
+
+# --mode idle's table, from ROWS as table's.
+table_idle() {
+    local rows="$TMP/rows"
+    printf '%s\n' "${ROWS[@]}" >"$rows"
+    python3 - "$rows" <<'EOF'
+import json, sys
+
+def n(x):
+    return f"{x:,}"
+
+print("| server | held | answered | PSS idle → held (MiB) | per connection (B) | threads"
+      " | + kernel stacks: threads × 16 KiB (B per connection) | KernelStack idle → held (MiB) | errors |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+for line in open(sys.argv[1]):
+    name, status, rest = line.rstrip("\n").split("|", 2)
+    if status != "ok":
+        print(f"| {name} | – | – | – | – | – | – | – | {status}: {rest} |")
+        continue
+    r = json.load(open(rest))
+    g, idle, peak = r["loadgen"], r["idle"], r["peak"]
+    held = peak["sockets"] - idle["sockets"]
+    if held >= 100:
+        # Over a handful of connections the difference is noise (a page here or there).
+        pss = (peak["pss_kib"] - idle["pss_kib"]) * 1024 / held
+        stacks = (peak["threads"] - idle["threads"]) * 16384 / held
+        per, with_stacks = f"{pss:,.0f}", f"{pss + stacks:,.0f}"
+    else:
+        per = with_stacks = "–"
+    errs = []
+    if g["idle_open"] < g["idle"]:
+        errs.append(f"{n(g['idle_open'])} of {n(g['idle'])} open")
+    if g["idle_answered"] < g["idle"]:
+        errs.append(f"{n(g['idle_answered'])} of {n(g['idle'])} answered")
+    if g["idle_rejected"]:
+        errs.append(f"{n(g['idle_rejected'])} non-2xx")
+    if g["idle_closed"]:
+        errs.append(f"{n(g['idle_closed'])} closed by the server")
+    bad = ", ".join(f"{k} {n(v)}" for k, v in g["errors"].items() if v)
+    if bad:
+        errs.append(bad)
+    print(f"| {name} | {n(held)} | {n(g['idle_answered'])}"
+          f" | {idle['pss_kib'] / 1024:.1f} → {peak['pss_kib'] / 1024:.1f} | {per}"
+          f" | {n(idle['threads'])} → {n(peak['threads'])} | {with_stacks}"
+          f" | {idle['kernel_stack_kib'] / 1024:.0f} → {peak['kernel_stack_kib'] / 1024:.0f}"
+          f" | {'; '.join(errs) or '0'} |")
+EOF
+}
+
 main() {
     parse_args "$@"
     # process-per-connection: a child per client (lib.sh's start_target passes it).
@@ -308,7 +416,7 @@ main() {
     if ((BUILD)); then build_patterns loadgen; fi
     [[ -x $BIN_DIR/loadgen ]] || die "no $BIN_DIR/loadgen (build it, or drop --no-build)"
     keep_built_patterns
-    ((${#PATTERNS[@]})) || die "nothing to measure"
+    ((${#PATTERNS[@]})) || [[ $NGINX == 1 ]] || die "nothing to measure"
     command -v python3 >/dev/null || die "python3 not found (it formats the table)"
     # Servers and loadgen each hold a descriptor per client.
     ulimit -n "$(ulimit -Hn)"
@@ -323,9 +431,9 @@ main() {
     {
         echo "\`scripts/hold.sh ${ARGS[*]}\` ($(date -u '+%Y-%m-%d %H:%M UTC'); $(nproc) cores, Linux $(uname -r);" \
             "commit $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown); load average $(cut -d' ' -f1-3 /proc/loadavg)):" \
-            "$CLIENTS clients ($MODE), $RATE message/s for ${DURATION}s, servers --workers $WORKERS --commit $COMMIT."
+            "$(what_ran)"
         echo
-        table
+        if [[ $MODE == idle ]]; then table_idle; else table; fi
     } | tee "$OUT/table.md"
     echo "Saved: $OUT/table.md"
 }

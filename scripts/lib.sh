@@ -6,7 +6,9 @@
 # The sourcing script sets PROG (its name, for messages) and, for the functions that use them,
 # TMP (its temp directory), PROFILE (cargo profile: release, dev or debug, or a custom one),
 # BIN_DIR (from bin_dir), WORKERS, LAUNCH (a command prefix for servers: taskset, a cgroup),
-# SERVER_ARGS (more flags for our servers) and PATTERNS (pattern crates). This file sets ROOT,
+# SERVER_ARGS (more flags for our servers), PATTERNS (pattern crates), NGINX_KEEPALIVE
+# (nginx's keepalive_timeout, default 65s) and NGINX_CONNECTIONS (its worker_connections,
+# default 16000). This file sets ROOT,
 # HZ and LIVE, and the results named in each function's comment (SERVER_PID, SERVER_ADDR,
 # STARTED_ADDR, CLIENT_CPU).
 #
@@ -247,11 +249,11 @@ daemon off;
 master_process $master;
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
-events { worker_connections 16000; }
+events { worker_connections ${NGINX_CONNECTIONS:-16000}; }
 http {
     access_log off;
     keepalive_requests 1000000;
-    keepalive_timeout 65s;
+    keepalive_timeout ${NGINX_KEEPALIVE:-65s};
     client_body_temp_path $dir/tmp/body;
     proxy_temp_path $dir/tmp/proxy;
     fastcgi_temp_path $dir/tmp/fastcgi;

@@ -67,8 +67,11 @@ pub struct Config {
     pub close: Option<Close>,
     /// Read at most this many bytes per second per connection.
     pub slow_read: Option<u64>,
-    /// Connections opened before the run that never send.
+    /// Connections opened before the run that never send (but see `idle_request`).
     pub idle: usize,
+    /// Each idle connection first sends one request (the mix's first class) and reads its
+    /// reply, then falls silent: a keep-alive client between requests.
+    pub idle_request: bool,
     pub timeout: Duration,
 }
 
@@ -83,8 +86,14 @@ pub struct Progress {
 /// Runs the load and returns what it measured. `on_tick` is called about every 250 ms with
 /// the time since the start and the replies and errors so far (warm-up included).
 pub fn run(cfg: &Config, mut on_tick: impl FnMut(Duration, u64, u64)) -> Result<Summary, String> {
-    if cfg.connections < cfg.threads {
+    if cfg.connections.max(cfg.idle) < cfg.threads {
         return Err("--connections: must be at least --threads".into());
+    }
+    if cfg.connections == 0 && (cfg.idle == 0 || cfg.rate.is_some()) {
+        return Err("--connections: 0 only with --idle, and without --rate".into());
+    }
+    if cfg.connections == 0 && matches!(cfg.stop, Stop::Requests(_)) {
+        return Err("--requests: needs --connections of at least 1".into());
     }
     raise_nofile_limit();
     let wire: Vec<Vec<u8>> = cfg
@@ -151,7 +160,8 @@ pub fn run(cfg: &Config, mut on_tick: impl FnMut(Duration, u64, u64)) -> Result<
     let cpu = cpu_end.saturating_sub(cpu_start.unwrap_or(cpu_end));
 
     let mut total = Recorder::new(cfg.mix.classes.len());
-    let (mut window, mut all, mut idle_open, mut idle_closed) = (Duration::ZERO, 0, 0, 0);
+    let (mut window, mut all) = (Duration::ZERO, 0);
+    let (mut idle_open, mut idle_answered, mut idle_rejected, mut idle_closed) = (0, 0, 0, 0);
     for h in handles {
         let done = h
             .join()
@@ -160,6 +170,8 @@ pub fn run(cfg: &Config, mut on_tick: impl FnMut(Duration, u64, u64)) -> Result<
         window = window.max(done.window);
         all += done.all_responses;
         idle_open += done.idle_open;
+        idle_answered += done.idle_answered;
+        idle_rejected += done.idle_rejected;
         idle_closed += done.idle_closed;
     }
     let info = RunInfo {
@@ -175,6 +187,7 @@ pub fn run(cfg: &Config, mut on_tick: impl FnMut(Duration, u64, u64)) -> Result<
         }),
         slow_read: cfg.slow_read,
         idle: cfg.idle,
+        idle_request: cfg.idle_request,
         warmup: cfg.warmup,
     };
     let classes: Vec<(String, u32)> = cfg
@@ -187,6 +200,8 @@ pub fn run(cfg: &Config, mut on_tick: impl FnMut(Duration, u64, u64)) -> Result<
         window,
         all_responses: all,
         idle_open,
+        idle_answered,
+        idle_rejected,
         idle_closed,
         cpu,
     };
@@ -207,6 +222,8 @@ struct Done {
     window: Duration,
     all_responses: u64,
     idle_open: u64,
+    idle_answered: u64,
+    idle_rejected: u64,
     idle_closed: u64,
 }
 
@@ -224,8 +241,12 @@ const TICK: Duration = Duration::from_millis(100);
 const SLOW_TICK: Duration = Duration::from_millis(10);
 /// Wait before reconnecting after a failed connect (a refused connect fails at once).
 const RECONNECT_DELAY: Duration = Duration::from_millis(10);
-/// How long the idle connections may take to open before the run starts anyway.
+/// The run starts once every idle connection is open (and answered, with --idle-request), or
+/// when none has got further for this long.
 const IDLE_SETUP: Duration = Duration::from_secs(3);
+/// Idle connects under way at most: a burst of thousands would overflow the server's accept
+/// queue and wait for SYN retransmits (1 s, 3 s, ...).
+const IDLE_CONNECT_WINDOW: usize = 256;
 const READ_BUF: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,9 +309,21 @@ impl Conn {
 }
 
 enum IdleState {
+    /// Not opened yet: waits for room in the connect window.
+    Waiting,
     Connecting(TcpStream),
+    /// --idle-request: the request is being written (`written` bytes so far) and its reply
+    /// read (`head`: a reply head split across reads).
+    Asking(Box<Asking>),
     Open(TcpStream),
     Gone,
+}
+
+struct Asking {
+    stream: TcpStream,
+    written: usize,
+    reader: ResponseReader,
+    head: Vec<u8>,
 }
 
 struct Worker<'a> {
@@ -302,9 +335,12 @@ struct Worker<'a> {
     poll: Poll,
     conns: Vec<Conn>,
     idle: Vec<IdleState>,
-    /// This thread's share of --idle.
-    idle_share: usize,
+    /// The next idle connection to open, and the connects under way.
+    idle_next: usize,
+    idle_connecting: usize,
     idle_open: u64,
+    idle_answered: u64,
+    idle_rejected: u64,
     idle_closed: u64,
     rbuf: Box<[u8]>,
     rng: Rng,
@@ -342,7 +378,10 @@ impl<'a> Worker<'a> {
             Stop::Requests(n) => Some(share(n, cfg.threads, i)),
             Stop::Duration(_) => None,
         };
-        let rate = cfg.rate.map(|r| r * conns as f64 / cfg.connections as f64);
+        let rate = cfg
+            .rate
+            .filter(|_| cfg.connections > 0)
+            .map(|r| r * conns as f64 / cfg.connections as f64);
         let poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
         let timer = match rate {
             Some(_) => {
@@ -362,9 +401,12 @@ impl<'a> Worker<'a> {
             barrier: &shared.barrier,
             poll,
             conns: (0..conns).map(|_| Conn::new(now, cfg.pipeline)).collect(),
-            idle: Vec::with_capacity(idle),
-            idle_share: idle,
+            idle: (0..idle).map(|_| IdleState::Waiting).collect(),
+            idle_next: 0,
+            idle_connecting: 0,
             idle_open: 0,
+            idle_answered: 0,
+            idle_rejected: 0,
             idle_closed: 0,
             rbuf: vec![0; READ_BUF].into_boxed_slice(),
             rng: Rng::new(i as u64),
@@ -390,14 +432,14 @@ impl<'a> Worker<'a> {
 
     fn run(mut self) -> Result<Done, String> {
         let mut events = Events::with_capacity(1024);
-        let setup = self.open_idle(self.idle_share, &mut events);
+        let setup = self.open_idle(&mut events);
         // Always meet the others at the barrier, even after a failure, or they would wait forever.
         self.barrier.wait();
         setup?;
         self.idle_open = self
             .idle
             .iter()
-            .filter(|c| matches!(c, IdleState::Open(_)))
+            .filter(|c| matches!(c, IdleState::Open(_) | IdleState::Asking(_)))
             .count() as u64;
 
         let now = Instant::now();
@@ -481,6 +523,8 @@ impl<'a> Worker<'a> {
             window,
             all_responses: self.all_responses,
             idle_open: self.idle_open,
+            idle_answered: self.idle_answered,
+            idle_rejected: self.idle_rejected,
             idle_closed: self.idle_closed,
         })
     }
@@ -511,39 +555,16 @@ impl<'a> Worker<'a> {
 
     // ------------------------------------------------------------ idle connections
 
-    /// Opens the idle connections and waits until they are established or give up.
-    fn open_idle(&mut self, n: usize, events: &mut Events) -> Result<(), String> {
-        for j in 0..n {
-            match connect(self.cfg.target.addr, None) {
-                Ok(mut s) => {
-                    self.poll
-                        .registry()
-                        .register(
-                            &mut s,
-                            Token(IDLE_BASE + j),
-                            Interest::READABLE | Interest::WRITABLE,
-                        )
-                        .map_err(|e| format!("epoll: {e}"))?;
-                    self.idle.push(IdleState::Connecting(s));
-                }
-                Err(e) if is_out_of_files(&e) => {
-                    return Err(format!(
-                        "--idle: out of file descriptors after {j} idle connections ({e})"
-                    ));
-                }
-                Err(_) => {
-                    self.rec.error(ErrorKind::Connect);
-                    self.idle.push(IdleState::Gone);
-                }
-            }
-        }
-        let deadline = Instant::now() + IDLE_SETUP;
-        while self
-            .idle
-            .iter()
-            .any(|c| matches!(c, IdleState::Connecting(_)))
-        {
+    /// Opens the idle connections, at most [`IDLE_CONNECT_WINDOW`] connects at a time, and
+    /// waits until each is open (with --idle-request: answered) or gone, or until none has got
+    /// further for [`IDLE_SETUP`]. Those still waiting then go on during the run.
+    fn open_idle(&mut self, events: &mut Events) -> Result<(), String> {
+        self.idle_fill()?;
+        let mut progressed = Instant::now();
+        let mut settled = self.idle_settled();
+        while settled < self.idle.len() {
             let now = Instant::now();
+            let deadline = progressed + IDLE_SETUP;
             if now >= deadline {
                 break;
             }
@@ -559,40 +580,157 @@ impl<'a> Worker<'a> {
                     self.idle_event(t - IDLE_BASE);
                 }
             }
+            self.idle_fill()?;
+            let now_settled = self.idle_settled();
+            if now_settled > settled {
+                (settled, progressed) = (now_settled, Instant::now());
+            }
+        }
+        Ok(())
+    }
+
+    /// Idle connections that need nothing more: open and quiet, or gone.
+    fn idle_settled(&self) -> usize {
+        self.idle
+            .iter()
+            .filter(|c| matches!(c, IdleState::Open(_) | IdleState::Gone))
+            .count()
+    }
+
+    /// Starts idle connects while the window has room.
+    fn idle_fill(&mut self) -> Result<(), String> {
+        while self.idle_next < self.idle.len() && self.idle_connecting < IDLE_CONNECT_WINDOW {
+            let j = self.idle_next;
+            self.idle_next += 1;
+            match connect_registered(&self.poll, self.cfg.target.addr, Token(IDLE_BASE + j), None) {
+                Ok(s) => {
+                    self.idle[j] = IdleState::Connecting(s);
+                    self.idle_connecting += 1;
+                }
+                Err(e) if is_out_of_files(&e) => {
+                    return Err(format!(
+                        "--idle: out of file descriptors after {j} idle connections ({e})"
+                    ));
+                }
+                Err(_) => {
+                    self.rec.error(ErrorKind::Connect);
+                    self.idle[j] = IdleState::Gone;
+                }
+            }
         }
         Ok(())
     }
 
     fn idle_event(&mut self, j: usize) {
         let state = std::mem::replace(&mut self.idle[j], IdleState::Gone);
-        self.idle[j] = match state {
+        let state = match state {
             IdleState::Connecting(s) => match connected(&s) {
-                Ok(true) => IdleState::Open(s),
                 Ok(false) => IdleState::Connecting(s),
-                Err(_) => {
-                    self.rec.error(ErrorKind::Connect);
-                    IdleState::Gone
-                }
-            },
-            IdleState::Open(mut s) => loop {
-                // An idle connection only hears from the server when it gives up on us
-                // (idle timeout: maybe a 408, then the close).
-                match s.read(&mut self.rbuf) {
-                    Ok(0) => {
-                        self.idle_closed += 1;
-                        break IdleState::Gone;
-                    }
-                    Ok(_) => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break IdleState::Open(s),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => {
-                        self.idle_closed += 1;
-                        break IdleState::Gone;
+                done => {
+                    self.idle_connecting -= 1;
+                    match done {
+                        Ok(_) if self.cfg.idle_request => self.idle_ask(Box::new(Asking {
+                            stream: s,
+                            written: 0,
+                            reader: ResponseReader::new(),
+                            head: Vec::new(),
+                        })),
+                        Ok(_) => IdleState::Open(s),
+                        Err(_) => {
+                            self.rec.error(ErrorKind::Connect);
+                            IdleState::Gone
+                        }
                     }
                 }
             },
-            IdleState::Gone => IdleState::Gone,
+            IdleState::Asking(a) => self.idle_ask(a),
+            IdleState::Open(s) => self.idle_quiet(s),
+            other => other,
         };
+        self.idle[j] = state;
+        if !matches!(self.idle[j], IdleState::Connecting(_)) {
+            // A connect finished: room for the next (a descriptor shortage shows at setup).
+            let _ = self.idle_fill();
+        }
+    }
+
+    /// --idle-request: writes the request, reads the reply; then the connection falls silent.
+    fn idle_ask(&mut self, mut a: Box<Asking>) -> IdleState {
+        let wire = &self.wire[0];
+        if a.written < wire.len() {
+            match write_some(&mut a.stream, &wire[a.written..]) {
+                Ok(n) => a.written += n,
+                Err(_) => {
+                    self.rec.error(ErrorKind::Write);
+                    return IdleState::Gone;
+                }
+            }
+            if a.written < wire.len() {
+                return IdleState::Asking(a); // the rest on the next writable edge
+            }
+        }
+        let no_body = self.mix.classes[0].expects_no_body();
+        loop {
+            let carried = a.head.len();
+            self.rbuf[..carried].copy_from_slice(&a.head);
+            let n = match a.stream.read(&mut self.rbuf[carried..]) {
+                Ok(0) => {
+                    self.rec.error(ErrorKind::Closed);
+                    return IdleState::Gone;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return IdleState::Asking(a),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.rec.error(ErrorKind::Read);
+                    return IdleState::Gone;
+                }
+            };
+            let input = &self.rbuf[..carried + n];
+            match a.reader.advance(input, no_body) {
+                Err(_) => {
+                    self.rec.error(ErrorKind::Parse);
+                    return IdleState::Gone;
+                }
+                Ok((used, None)) => {
+                    if input.len() - used > crate::http::MAX_HEAD {
+                        self.rec.error(ErrorKind::Parse);
+                        return IdleState::Gone;
+                    }
+                    a.head = input[used..].to_vec();
+                }
+                Ok((_, Some(done))) => {
+                    if (200..300).contains(&done.status) {
+                        self.idle_answered += 1;
+                    } else {
+                        self.idle_rejected += 1;
+                    }
+                    // Anything more (the server's close after `Connection: close`) is for the
+                    // quiet state; edge-triggered, so drain it now.
+                    return self.idle_quiet(a.stream);
+                }
+            }
+        }
+    }
+
+    /// An idle connection only hears from the server when it gives up on us (idle timeout:
+    /// maybe a 408, then the close).
+    fn idle_quiet(&mut self, mut s: TcpStream) -> IdleState {
+        loop {
+            match s.read(&mut self.rbuf) {
+                Ok(0) => {
+                    self.idle_closed += 1;
+                    return IdleState::Gone;
+                }
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return IdleState::Open(s),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.idle_closed += 1;
+                    return IdleState::Gone;
+                }
+            }
+        }
     }
 
     // ------------------------------------------------------------ connections

@@ -40,6 +40,11 @@ Modes:
                          latency includes the connect
   --slow-read N          read at most N bytes/s per connection (4 KiB receive buffer)
   --idle N               also hold N connections open that never send anything
+  --idle N --idle-request
+                         each idle connection first sends one request (the first class of
+                         the mix: without -r, GET on the URL's path) and reads its reply,
+                         then stays silent: keep-alive clients between requests. With
+                         -c 0 nothing else runs: what holding N of them costs a server
   --subscribe N          N SSE subscribers on URL (/events?type=message), each sending
                          Last-Event-ID: the journal's head; then --rate messages/s (default
                          1) are POSTed to /messages for --duration, and each delivery's
@@ -86,8 +91,8 @@ struct RunArgs {
     #[arg(required = true)]
     url: Option<String>,
 
-    /// Connections to keep open (spread over the threads).
-    #[arg(short = 'c', long, default_value_t = 50, value_parser = positive)]
+    /// Connections to keep open (spread over the threads); 0 with --idle: only idle ones.
+    #[arg(short = 'c', long, default_value_t = 50)]
     connections: usize,
 
     /// Threads, each an event loop over its share of the connections.
@@ -135,6 +140,10 @@ struct RunArgs {
     #[arg(long, default_value_t = 0)]
     idle: usize,
 
+    /// With --idle: each idle connection sends one request and reads its reply first.
+    #[arg(long)]
+    idle_request: bool,
+
     /// A connect or a reply taking longer than this fails the connection.
     #[arg(long, default_value = "10s", value_parser = duration)]
     timeout: Duration,
@@ -158,7 +167,7 @@ struct RunArgs {
 }
 
 /// The request-load flags, which --subscribe and --long-poll do not take.
-const LOAD_ONLY: [&str; 8] = [
+const LOAD_ONLY: [&str; 9] = [
     "connections",
     "pipeline",
     "requests",
@@ -167,6 +176,7 @@ const LOAD_ONLY: [&str; 8] = [
     "close",
     "slow_read",
     "idle",
+    "idle_request",
 ];
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -307,8 +317,19 @@ fn config(args: &RunArgs) -> Result<Config, String> {
     if args.close.is_some() && args.pipeline > 1 {
         return Err("--pipeline: must be 1 with --close (one request per connection)".into());
     }
-    if args.connections < args.threads {
+    if args.connections == 0 {
+        if args.idle == 0 {
+            return Err("--connections: must be at least 1 (0 only with --idle)".into());
+        }
+        if args.rate.is_some() || args.requests.is_some() {
+            return Err("--connections: 0 takes neither --rate nor --requests".into());
+        }
+    }
+    if args.connections.max(args.idle) < args.threads {
         return Err("--threads: must not exceed --connections".into());
+    }
+    if args.idle_request && args.idle == 0 {
+        return Err("--idle-request: needs --idle".into());
     }
     let classes = if args.requests_mix.is_empty() {
         vec![RequestSpec::parse(&format!("GET {}", target.path))?]
@@ -334,6 +355,7 @@ fn config(args: &RunArgs) -> Result<Config, String> {
         }),
         slow_read: args.slow_read,
         idle: args.idle,
+        idle_request: args.idle_request,
         timeout: args.timeout,
     })
 }
@@ -392,7 +414,8 @@ mod tests {
         assert_eq!(cfg.mix.classes[0].name, "GET /");
         let cli = parse(&["report", "results/x"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Report { .. })));
-        assert!(parse(&["-c", "0", "http://127.0.0.1:1/"]).is_err());
+        let cli = parse(&["-c", "0", "http://127.0.0.1:1/"]).unwrap();
+        assert!(config(&cli.run).unwrap_err().starts_with("--connections"));
         assert!(parse(&["--close", "both", "http://127.0.0.1:1/"]).is_err());
         assert!(parse(&["-r", "0:GET /", "http://127.0.0.1:1/"]).is_err());
         assert!(parse(&[]).is_err());
@@ -407,6 +430,55 @@ mod tests {
         assert!(config(&cli.run).unwrap_err().starts_with("--pipeline"));
         let cli = parse(&["-c", "1", "-t", "2", "http://127.0.0.1:1/"]).unwrap();
         assert!(config(&cli.run).unwrap_err().starts_with("--threads"));
+    }
+
+    #[test]
+    fn idle_only_flags() {
+        let cli = parse(&[
+            "-c",
+            "0",
+            "--idle",
+            "100",
+            "--idle-request",
+            "-t",
+            "2",
+            "http://127.0.0.1:1/",
+        ])
+        .unwrap();
+        let cfg = config(&cli.run).unwrap();
+        assert_eq!(
+            (cfg.connections, cfg.idle, cfg.idle_request),
+            (0, 100, true)
+        );
+        for (args, flag) in [
+            (&["-c", "0", "http://127.0.0.1:1/"][..], "--connections"),
+            (
+                &[
+                    "-c",
+                    "0",
+                    "--idle",
+                    "5",
+                    "--rate",
+                    "10",
+                    "http://127.0.0.1:1/",
+                ],
+                "--connections",
+            ),
+            (
+                &["-c", "0", "--idle", "5", "-n", "10", "http://127.0.0.1:1/"],
+                "--connections",
+            ),
+            (&["--idle-request", "http://127.0.0.1:1/"], "--idle-request"),
+            (
+                &["-c", "0", "--idle", "1", "-t", "2", "http://127.0.0.1:1/"],
+                "--threads",
+            ),
+        ] {
+            let cli = parse(args).unwrap();
+            let err = config(&cli.run).unwrap_err();
+            assert!(err.starts_with(flag), "{args:?}: {err}");
+        }
+        assert!(parse(&["--long-poll", "5", "--idle-request", "http://127.0.0.1:1/"]).is_err());
     }
 
     #[test]

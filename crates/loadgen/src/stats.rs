@@ -174,6 +174,9 @@ pub struct Summary {
     pub close: Option<String>,
     pub slow_read: Option<u64>,
     pub idle: usize,
+    /// --idle-request: each idle connection sent one request first.
+    #[serde(default)]
+    pub idle_request: bool,
     pub warmup_s: f64,
     /// Length of the measured window.
     pub duration_s: f64,
@@ -188,6 +191,11 @@ pub struct Summary {
     /// Idle connections open when the measured window began, and those the server closed.
     pub idle_open: u64,
     pub idle_closed: u64,
+    /// --idle-request: idle connections whose request got a 2xx reply, and another status.
+    #[serde(default)]
+    pub idle_answered: u64,
+    #[serde(default)]
+    pub idle_rejected: u64,
     pub latency_us: Latency,
     pub classes: Vec<ClassSummary>,
     /// Status code -> replies.
@@ -210,6 +218,7 @@ pub struct RunInfo {
     pub close: Option<&'static str>,
     pub slow_read: Option<u64>,
     pub idle: usize,
+    pub idle_request: bool,
     pub warmup: Duration,
 }
 
@@ -218,6 +227,8 @@ pub struct Totals {
     pub window: Duration,
     pub all_responses: u64,
     pub idle_open: u64,
+    pub idle_answered: u64,
+    pub idle_rejected: u64,
     pub idle_closed: u64,
     pub cpu: Duration,
 }
@@ -252,6 +263,7 @@ impl Summary {
             close: info.close.map(str::to_string),
             slow_read: info.slow_read,
             idle: info.idle,
+            idle_request: info.idle_request,
             warmup_s: info.warmup.as_secs_f64(),
             duration_s: round3(secs),
             requests,
@@ -262,6 +274,8 @@ impl Summary {
             connects: rec.connects,
             idle_open: t.idle_open,
             idle_closed: t.idle_closed,
+            idle_answered: t.idle_answered,
+            idle_rejected: t.idle_rejected,
             latency_us: Latency::of(&all),
             classes: classes
                 .iter()
@@ -313,7 +327,14 @@ impl Summary {
         if let Some(r) = self.slow_read {
             let _ = write!(s, ", reading {r} B/s per connection");
         }
-        if self.idle > 0 {
+        if self.idle > 0 && self.idle_request {
+            let _ = write!(
+                s,
+                ", {} idle connections after one request each ({} open at the start, {} \
+                 answered 2xx, {} another status, {} closed by the server)",
+                self.idle, self.idle_open, self.idle_answered, self.idle_rejected, self.idle_closed
+            );
+        } else if self.idle > 0 {
             let _ = write!(
                 s,
                 ", {} idle connections ({} open at the start, {} closed by the server)",
@@ -465,6 +486,7 @@ mod tests {
             close: None,
             slow_read: None,
             idle: 0,
+            idle_request: false,
             warmup: Duration::ZERO,
         }
     }
@@ -474,6 +496,8 @@ mod tests {
             window,
             all_responses: 0,
             idle_open: 0,
+            idle_answered: 0,
+            idle_rejected: 0,
             idle_closed: 0,
             cpu: Duration::from_millis(500),
         }

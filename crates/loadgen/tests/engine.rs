@@ -102,6 +102,7 @@ fn config(addr: SocketAddr, requests: &[&str]) -> Config {
         close: None,
         slow_read: None,
         idle: 0,
+        idle_request: false,
         timeout: Duration::from_secs(5),
     }
 }
@@ -241,6 +242,38 @@ fn idle_connections_stay_open_beside_the_load() {
     assert_eq!((s.requests, errors(&s)), (500, 0));
     assert_eq!((s.idle_open, s.idle_closed), (300, 0));
     assert!(srv.accepted.load(Ordering::SeqCst) >= 304);
+}
+
+/// --idle-request with no other connections: each idle connection sends one request, reads its
+/// reply and stays open; a request never answered leaves its connection open, not answered.
+#[test]
+fn idle_connections_after_one_request_each() {
+    let srv = server(Behaviour::default());
+    let mut cfg = config(srv.addr, &["GET /"]);
+    cfg.connections = 0;
+    cfg.idle = 600;
+    cfg.idle_request = true;
+    cfg.threads = 2;
+    cfg.stop = Stop::Duration(Duration::from_millis(300));
+    let s = run(&cfg);
+    assert_eq!(errors(&s), 0, "{s:?}");
+    assert_eq!(
+        (s.idle_open, s.idle_answered, s.idle_rejected, s.idle_closed),
+        (600, 600, 0, 0)
+    );
+    assert_eq!(s.requests, 0);
+    assert_eq!(srv.requests.load(Ordering::SeqCst), 600);
+    assert_eq!(srv.accepted.load(Ordering::SeqCst), 600);
+
+    let srv = server(Behaviour::default());
+    let mut cfg = config(srv.addr, &["GET /silent"]);
+    cfg.connections = 0;
+    cfg.idle = 50;
+    cfg.idle_request = true;
+    cfg.stop = Stop::Duration(Duration::from_millis(300));
+    let s = run(&cfg);
+    assert_eq!((s.idle_open, s.idle_answered, s.idle_closed), (50, 0, 0));
+    assert_eq!(srv.requests.load(Ordering::SeqCst), 50);
 }
 
 #[test]
