@@ -239,6 +239,27 @@ impl Conn {
         &mut self.input[self.end..]
     }
 
+    /// Whether the connection holds an input buffer: not once it is idle and has called
+    /// [`Conn::release_buffers`]. A driver that blocks in `read` then waits in a small buffer of
+    /// its own, so that a waiting connection holds none from the pool, and hands over what came
+    /// with [`Conn::fill_from`].
+    pub fn holds_input(&self) -> bool {
+        !self.input.is_empty()
+    }
+
+    /// `bytes` were read at `now` into a buffer of the driver's own: copied in, as if they had
+    /// been read into [`Conn::read_buf`].
+    pub fn fill_from(&mut self, bytes: &[u8], now: Instant) {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let buf = self.read_buf();
+            let n = buf.len().min(rest.len());
+            buf[..n].copy_from_slice(&rest[..n]);
+            self.filled(n, now);
+            rest = &rest[n..];
+        }
+    }
+
     /// `n` bytes were read at `now` into the buffer [`Conn::read_buf`] gave.
     pub fn filled(&mut self, n: usize, now: Instant) {
         if self.clock.linger_until.is_some() {

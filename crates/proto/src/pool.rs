@@ -83,6 +83,11 @@ pub(crate) fn give_queue(queue: VecDeque<Slot>) {
 
 fn keep<T>(kept: &mut Vec<T>, item: T) {
     if kept.len() < KEEP_AT_MOST {
+        // A thread that serves one connection at a time (thread-per-connection, a blocking
+        // worker) keeps one of each: room for one, not the four a first push makes.
+        if kept.capacity() == 0 {
+            kept.reserve_exact(1);
+        }
         kept.push(item);
     }
 }

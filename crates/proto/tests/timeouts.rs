@@ -214,6 +214,30 @@ fn a_lingering_close_drains_until_eof_or_the_linger_timeout() {
     assert!(c.is_finished());
 }
 
+/// The blocking driver's way between requests: no buffer held while waiting, the bytes read
+/// elsewhere copied in, with the time they came (a head's timeout runs from its first byte).
+#[test]
+fn bytes_read_elsewhere_are_copied_in() {
+    let mut c = conn();
+    assert!(!c.holds_input(), "no buffer before the first byte");
+    c.fill_from(b"GET /a HTTP/1.1\r\nHo", at(1.0));
+    assert!(c.holds_input() && c.next_request().is_none());
+    assert_eq!(c.poll_timeout(), Some(at(11.0)), "header timeout from the first byte");
+    // A head bigger than the pool's buffer: copied in as the buffer grows.
+    let big = format!("st: a\r\nX-Big: {}\r\n\r\n", "b".repeat(9000));
+    c.fill_from(big.as_bytes(), at(2.0));
+    let req = c.next_request().expect("the whole head");
+    assert_eq!(req.target, "/a");
+    assert_eq!(req.header("x-big").map(<[u8]>::len), Some(9000));
+    let id = req.id;
+    c.respond(id, Response::text(200, "ok"));
+    flush(&mut c, 2.0);
+    c.release_buffers();
+    assert!(!c.holds_input() && c.buffer_bytes() == 0);
+    c.fill_from(b"", at(3.0));
+    assert!(!c.holds_input(), "nothing read, nothing taken");
+}
+
 #[test]
 fn an_idle_connection_holds_no_buffer() {
     let mut c = conn();
