@@ -56,11 +56,19 @@ alive() {
     [[ ${f[0]} != Z && ${f[1]} == "$$" ]]
 }
 
-# PID and all its descendants (a prefork server is a process tree).
+# PID and all its descendants (a prefork server is a process tree), parents first. One `ps` for
+# the whole table, whatever the tree's size: process-per-connection's has a child per client.
 proc_tree() {
-    local child
-    echo "$1"
-    for child in $(pgrep -P "$1" || true); do proc_tree "$child"; done
+    ps -e -o pid=,ppid= | awk -v root="$1" '
+        { kids[$2] = kids[$2] " " $1 }
+        END {
+            queue[1] = root; head = 1; tail = 1
+            while (head <= tail) {
+                p = queue[head++]; print p
+                n = split(kids[p], c, " ")
+                for (i = 1; i <= n; i++) queue[++tail] = c[i]
+            }
+        }'
 }
 
 # reap PID SECONDS: wait for our child PID to exit; SIGKILL it and its tree after SECONDS.
@@ -107,7 +115,7 @@ stop_all() {
 cpu_ticks() {
     local pid stat f total=0
     for pid in $(proc_tree "$1"); do
-        stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+        { read -r stat <"/proc/$pid/stat"; } 2>/dev/null || continue # a builtin: no fork per process
         read -ra f <<<"${stat##*) }"
         total=$((total + f[11] + f[12] + f[13] + f[14]))
     done

@@ -222,7 +222,11 @@ fn bytes_read_elsewhere_are_copied_in() {
     assert!(!c.holds_input(), "no buffer before the first byte");
     c.fill_from(b"GET /a HTTP/1.1\r\nHo", at(1.0));
     assert!(c.holds_input() && c.next_request().is_none());
-    assert_eq!(c.poll_timeout(), Some(at(11.0)), "header timeout from the first byte");
+    assert_eq!(
+        c.poll_timeout(),
+        Some(at(11.0)),
+        "header timeout from the first byte"
+    );
     // A head bigger than the pool's buffer: copied in as the buffer grows.
     let big = format!("st: a\r\nX-Big: {}\r\n\r\n", "b".repeat(9000));
     c.fill_from(big.as_bytes(), at(2.0));
