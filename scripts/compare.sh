@@ -129,10 +129,7 @@ parse_args() {
     fi
     ((${#PATTERNS[@]})) || mapfile -t PATTERNS < <(all_patterns)
     ((${#PATTERNS[@]} || VS_WRK)) || die "no pattern crates found under crates/"
-    local p
-    for p in "${PATTERNS[@]}"; do
-        [[ -d $ROOT/crates/$p ]] || die "no crate crates/$p"
-    done
+    check_patterns "${PATTERNS[@]}"
     [[ -n $OUT ]] || OUT=$ROOT/results/$(date +%Y%m%d-%H%M%S)
 }
 
@@ -269,10 +266,7 @@ bench() {
 }
 
 compare_main() {
-    BIN_DIR=$(bin_dir)
-    if ((BUILD)); then build_patterns loadgen; fi
-    [[ -x $BIN_DIR/loadgen ]] || die "no $BIN_DIR/loadgen (build it, or drop --no-build)"
-    keep_built_patterns
+    build_with_loadgen
     local targets=("${PATTERNS[@]}")
     if ((WITH_NGINX)); then
         if command -v nginx >/dev/null && command -v ss >/dev/null; then

@@ -136,17 +136,8 @@ parse_args() {
         log "skipping nginx: not installed (apt-get install -y nginx-light)"
         NGINX=0
     fi
-    local p
-    for p in "${PATTERNS[@]}"; do
-        [[ -d $ROOT/crates/$p ]] || die "no crate crates/$p"
-    done
+    check_patterns "${PATTERNS[@]}"
     [[ -n $OUT ]] || OUT=$ROOT/results/hold-$(date +%Y%m%d-%H%M%S)
-}
-
-cleanup() {
-    set +e # stop everything even if one step fails
-    stop_all
-    [[ -n $TMP ]] && rm -rf "$TMP"
 }
 
 # ---------------------------------------------------------------- measuring
@@ -154,9 +145,9 @@ cleanup() {
 # tree_sample PID: "PSS_KIB THREADS SOCKETS KSTACK_KIB" now: the first three summed over PID's
 # process tree; the last the whole machine's kernel stacks (/proc/meminfo), where a thread's
 # 16 KiB kernel stack shows, which no process's PSS counts (in the JSON only: other work on
-# the machine moves it by megabytes).
-# A few processes per sample, however many the tree has (a process per client): each file
-# kind is read by one cat, and a process gone meanwhile is skipped.
+# the machine moves it by megabytes). A few forks per sample, however many processes the tree
+# has (process-per-connection has one per client): each kind of file is read by one cat, and a
+# process gone meanwhile is skipped.
 tree_sample() {
     local pids pss threads sockets kstack
     mapfile -t pids < <(proc_tree "$1")
@@ -427,27 +418,19 @@ main() {
         log "process-per-connection: --max-children $MAX_CHILDREN (3 tasks a child; $tasks_now of" \
             "the kernel's $tasks_max tasks in use): it cannot hold $CLIENTS clients"
     fi
-    on_exit cleanup
+    on_exit stop_and_clean
     TMP=$(mktemp -d "${TMPDIR:-/tmp}/hold.XXXXXX")
-    BIN_DIR=$(bin_dir)
-    if ((BUILD)); then build_patterns loadgen; fi
-    [[ -x $BIN_DIR/loadgen ]] || die "no $BIN_DIR/loadgen (build it, or drop --no-build)"
-    keep_built_patterns
+    build_with_loadgen
     ((${#PATTERNS[@]})) || [[ $NGINX == 1 ]] || die "nothing to measure"
     command -v python3 >/dev/null || die "python3 not found (it formats the table)"
     # Servers and loadgen each hold a descriptor per client.
     ulimit -n "$(ulimit -Hn)"
     mkdir -p "$OUT/runs"
     ROWS=()
-    local line run
-    while read -r line; do
-        read -ra run <<<"$line"
-        hold "${run[@]}"
-    done < <(runs)
+    for_each_run hold
     ((${#ROWS[@]})) || die "nothing was measured"
     {
-        echo "\`scripts/hold.sh ${ARGS[*]}\` ($(date -u '+%Y-%m-%d %H:%M UTC'); $(nproc) cores, Linux $(uname -r);" \
-            "commit $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown); load average $(cut -d' ' -f1-3 /proc/loadavg)):" \
+        echo "$(run_stamp hold.sh)" \
             "$(what_ran)"
         echo
         if [[ $MODE == idle ]]; then table_idle; else table; fi

@@ -45,6 +45,21 @@ on_exit() {
     trap 'exit 143' TERM
 }
 
+# The usual exit handler (on_exit stop_and_clean): stop everything started, remove $TMP.
+stop_and_clean() {
+    set +e # stop everything even if one step fails
+    stop_all
+    [[ -z ${TMP:-} ]] || rm -rf "$TMP"
+}
+
+# check_patterns NAME...: dies unless each is a crate under crates/.
+check_patterns() {
+    local p
+    for p in "$@"; do
+        [[ -d $ROOT/crates/$p ]] || die "no crate crates/$p"
+    done
+}
+
 # ---------------------------------------------------------------- processes
 
 # alive PID: PID is still a running child of this script. Bash reaps exited children on its
@@ -188,6 +203,31 @@ keep_built_patterns() {
         if [[ -x $BIN_DIR/$p ]]; then ok+=("$p"); else log "skipping $p: no $BIN_DIR/$p"; fi
     done
     PATTERNS=("${ok[@]}")
+}
+
+# build_with_loadgen: BIN_DIR set; with BUILD, loadgen and PATTERNS built; PATTERNS left with
+# those that have a binary. Dies without loadgen.
+build_with_loadgen() {
+    BIN_DIR=$(bin_dir)
+    if ((BUILD)); then build_patterns loadgen; fi
+    [[ -x $BIN_DIR/loadgen ]] || die "no $BIN_DIR/loadgen (build it, or drop --no-build)"
+    keep_built_patterns
+}
+
+# run_stamp SCRIPT: "`scripts/SCRIPT ARGS...` (date; cores, kernel; commit; load average):", the
+# opening of a results table (ARGS: the script's own arguments, as given).
+run_stamp() {
+    echo "\`scripts/$1 ${ARGS[*]}\` ($(date -u '+%Y-%m-%d %H:%M UTC'); $(nproc) cores, Linux $(uname -r);" \
+        "commit $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown); load average $(cut -d' ' -f1-3 /proc/loadavg)):"
+}
+
+# for_each_run FUNC: calls FUNC with the words of each line the script's `runs` prints.
+for_each_run() {
+    local line run
+    while read -r line; do
+        read -ra run <<<"$line"
+        "$1" "${run[@]}"
+    done < <(runs)
 }
 
 # The pattern crates: those that build a binary (src/main.rs, src/bin/ or a [[bin]] table),

@@ -95,17 +95,8 @@ parse_args() {
     ((BOUNDED < CONNS)) || die "--bounded-threads: must be below --conns ($CONNS)"
     ((${#PATTERNS[@]})) ||
         PATTERNS=(single-thread thread-per-connection prefork coroutine work-stealing)
-    local p
-    for p in "${PATTERNS[@]}"; do
-        [[ -d $ROOT/crates/$p ]] || die "no crate crates/$p"
-    done
+    check_patterns "${PATTERNS[@]}"
     [[ -n $OUT ]] || OUT=$ROOT/results/slowloris-$(date +%Y%m%d-%H%M%S)
-}
-
-cleanup() {
-    set +e # stop everything even if one step fails
-    stop_all
-    [[ -n $TMP ]] && rm -rf "$TMP"
 }
 
 # The runs: "NAME BINARY FLAGS..." per line.
@@ -249,26 +240,18 @@ EOF
 
 main() {
     parse_args "$@"
-    on_exit cleanup
+    on_exit stop_and_clean
     TMP=$(mktemp -d "${TMPDIR:-/tmp}/slowloris.XXXXXX")
-    BIN_DIR=$(bin_dir)
-    if ((BUILD)); then build_patterns loadgen; fi
-    [[ -x $BIN_DIR/loadgen ]] || die "no $BIN_DIR/loadgen (build it, or drop --no-build)"
-    keep_built_patterns
+    build_with_loadgen
     ((${#PATTERNS[@]})) || die "nothing to measure"
     command -v python3 >/dev/null || die "python3 not found (the trickling client, the table)"
     # The trickling connections and the ordinary client's hold a descriptor each.
     ulimit -n "$(ulimit -Hn)"
     mkdir -p "$OUT/runs"
     ROWS=()
-    local line run
-    while read -r line; do
-        read -ra run <<<"$line"
-        attack "${run[@]}"
-    done < <(runs)
+    for_each_run attack
     {
-        echo "\`scripts/slowloris.sh ${ARGS[*]}\` ($(date -u '+%Y-%m-%d %H:%M UTC'); $(nproc) cores, Linux $(uname -r);" \
-            "commit $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown); load average $(cut -d' ' -f1-3 /proc/loadavg)):" \
+        echo "$(run_stamp slowloris.sh)" \
             "$CONNS trickling connections (a header line per second), servers --workers $WORKERS" \
             "--header-timeout ${HEADER_TIMEOUT}s; the ordinary client: GET / at $RATE/s for ${DURATION}s," \
             "a new connection each, --timeout ${CLIENT_TIMEOUT}s."

@@ -247,8 +247,8 @@ impl Conn {
         !self.input.is_empty()
     }
 
-    /// `bytes` were read at `now` into a buffer of the driver's own: copied in, as if they had
-    /// been read into [`Conn::read_buf`].
+    /// `bytes` were read at `now` into a buffer of the driver's own (the blocking driver's between
+    /// requests, a ring's provided buffer): copied in, as if read into [`Conn::read_buf`].
     pub fn fill_from(&mut self, bytes: &[u8], now: Instant) {
         let mut rest = bytes;
         while !rest.is_empty() {

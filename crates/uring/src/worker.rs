@@ -608,7 +608,8 @@ impl Worker {
         };
         if let Some(bid) = cqueue::buffer_select(flags) {
             if c.fd.is_some() && res > 0 {
-                feed(&mut c.http, self.bufs.received(bid, res as usize), self.now);
+                c.http
+                    .fill_from(self.bufs.received(bid, res as usize), self.now);
             }
             // Copied out: the kernel may fill it again.
             self.bufs.give_back(bid);
@@ -1016,17 +1017,6 @@ impl Drop for Worker {
             std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new([0; 8])));
             std::mem::forget(std::mem::replace(&mut self.signal_buf, Box::new([0; 128])));
         }
-    }
-}
-
-/// Copies received bytes into proto's input buffer (it grows as needed).
-fn feed(http: &mut Conn, mut data: &[u8], now: Instant) {
-    while !data.is_empty() {
-        let room = http.read_buf();
-        let n = room.len().min(data.len());
-        room[..n].copy_from_slice(&data[..n]);
-        http.filled(n, now);
-        data = &data[n..];
     }
 }
 
