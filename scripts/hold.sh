@@ -413,6 +413,7 @@ main() {
         ? $(cat /proc/sys/kernel/pid_max) : $(cat /proc/sys/kernel/threads-max)))
     tasks_now=$(cut -d' ' -f4 /proc/loadavg | cut -d/ -f2)
     room=$(((tasks_max - tasks_now - 2000) / 3))
+    ((room >= 100)) || room=100
     MAX_CHILDREN=$((CLIENTS + 100 < room ? CLIENTS + 100 : room))
     if ((MAX_CHILDREN < CLIENTS + 100)) && [[ " ${PATTERNS[*]} " == *" process-per-connection "* ]]; then
         log "process-per-connection: --max-children $MAX_CHILDREN (3 tasks a child; $tasks_now of" \
