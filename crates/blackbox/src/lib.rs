@@ -48,6 +48,35 @@ pub use server::Server;
 /// ```no_run
 /// blackbox::suite!(env!("CARGO_BIN_EXE_single-thread"), ["--workers", "4"]);
 /// ```
+/// The journal's crash checks, one `#[test]` each: acknowledged writes survive kill -9 of the
+/// server's whole process group under load, with `--commit sync` and `--commit async`, and
+/// damaged logs are recovered or refused as the journal specifies.
+#[macro_export]
+macro_rules! crash_suite {
+    ($bin:expr, $args:tt $(,)?) => {
+        #[test]
+        fn acked_writes_survive_kill_9_with_sync_commit() {
+            let args: &[&str] = &$args;
+            let (recovery, acked) = $crate::checks::acked_writes_survive_kill_9($bin, args, "sync");
+            eprintln!("{acked} acknowledged before the kill; after it: {recovery}");
+        }
+
+        #[test]
+        fn acked_writes_survive_kill_9_with_async_commit() {
+            let args: &[&str] = &$args;
+            let (recovery, acked) =
+                $crate::checks::acked_writes_survive_kill_9($bin, args, "async");
+            eprintln!("{acked} acknowledged before the kill; after it: {recovery}");
+        }
+
+        #[test]
+        fn damaged_logs_are_recovered_or_refused() {
+            let args: &[&str] = &$args;
+            $crate::checks::recovery_of_damaged_logs($bin, args);
+        }
+    };
+}
+
 #[macro_export]
 macro_rules! suite {
     (@tests ($bin:expr, $args:tt) $($check:ident),* $(,)?) => {

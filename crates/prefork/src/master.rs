@@ -4,19 +4,16 @@
 
 use std::io;
 use std::net::TcpListener;
-use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 use runtime::Stats;
-use signal_hook::SigId;
+use runtime::master_signals::{self, MasterSignals};
 
 use crate::worker::{WorkerSetup, worker};
 use crate::{EXIT_FATAL, PATTERN, shared};
@@ -111,7 +108,7 @@ impl Master {
         let workers = stats.workers().len();
         Ok(Master {
             listener: Some(listener),
-            signals: MasterSignals::install()?,
+            signals: MasterSignals::install(&MASTER_SIGNALS)?,
             setup,
             stats,
             children: Vec::new(),
@@ -159,7 +156,7 @@ impl Master {
                     return EXIT_FATAL;
                 }
             }
-            self.signals.sleep(self.next_wake());
+            self.signals.sleep(self.next_wake(), None);
         }
     }
 
@@ -168,7 +165,7 @@ impl Master {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + READY_WAIT;
         while Instant::now() < deadline && !self.children.iter().all(|c| self.is_ready(c.pid)) {
-            self.signals.sleep(Duration::from_millis(5));
+            self.signals.sleep(Duration::from_millis(5), None);
             self.reap();
         }
     }
@@ -459,75 +456,10 @@ fn tell_to_stop(c: &mut Child) {
 
 // ---- the master's signals --------------------------------------------------------------------
 
-/// Each handler only sets its signal's flag and writes a byte to a socket pair; the master's
-/// loop sleeps in poll(2) on the other end (the self-pipe trick), so a signal that arrives
-/// between looking at the flags and going to sleep still wakes it.
-struct MasterSignals {
-    flags: [Arc<AtomicBool>; MASTER_SIGNALS.len()],
-    ids: Vec<SigId>,
-    wake: Option<UnixStream>,
-}
-
-impl MasterSignals {
-    fn install() -> io::Result<MasterSignals> {
-        let (wake, notify) = UnixStream::pair()?;
-        wake.set_nonblocking(true)?;
-        let flags: [Arc<AtomicBool>; MASTER_SIGNALS.len()] = Default::default();
-        let mut ids = Vec::new();
-        for (&signal, flag) in MASTER_SIGNALS.iter().zip(&flags) {
-            // The flag first: it is set by the time the byte wakes the loop.
-            ids.push(signal_hook::flag::register(signal, flag.clone())?);
-            ids.push(signal_hook::low_level::pipe::register(
-                signal,
-                notify.try_clone()?,
-            )?);
-        }
-        Ok(MasterSignals {
-            flags,
-            ids,
-            wake: Some(wake),
-        })
-    }
-
-    /// Whether `signal` arrived since the last look, clearing it.
-    fn take(&self, signal: libc::c_int) -> bool {
-        let i = MASTER_SIGNALS.iter().position(|&s| s == signal);
-        i.is_some_and(|i| self.flags[i].swap(false, Ordering::SeqCst))
-    }
-
-    /// Sleeps until a signal arrives or `timeout` passes.
-    fn sleep(&self, timeout: Duration) {
-        let Some(wake) = &self.wake else {
-            return;
-        };
-        let timeout = PollTimeout::try_from(timeout.max(Duration::from_millis(1)))
-            .unwrap_or(PollTimeout::MAX);
-        let mut fds = [PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
-        // EINTR: a signal arrived, which is what we wait for.
-        let _ = nix::poll::poll(&mut fds, timeout);
-        let mut drain = [0u8; 64];
-        while matches!(io::Read::read(&mut &*wake, &mut drain), Ok(n) if n > 0) {}
-    }
-
-    /// In a new worker: the master's handlers and self-pipe are none of its business.
-    fn leave(&mut self) {
-        for id in self.ids.drain(..) {
-            signal_hook::low_level::unregister(id);
-        }
-        self.wake = None;
-    }
-}
-
-/// The master's signals. [`Master::spawn`] blocks them across the fork, and a new worker
-/// unblocks them once its own handlers are in place.
+/// The master's signals ([`MASTER_SIGNALS`]), blocked across a fork: the new process unblocks
+/// them once its own handlers are in place.
 pub fn master_signal_set() -> SigSet {
-    let mut set = SigSet::empty();
-    for signal in MASTER_SIGNALS {
-        if let Ok(signal) = Signal::try_from(signal) {
-            set.add(signal);
-        }
-    }
-    set
+    master_signals::signal_set(&MASTER_SIGNALS)
 }
 
 /// fork(2) copies only the calling thread.

@@ -6,19 +6,17 @@ use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 use runtime::Stats;
 use runtime::listener::AcceptBackoff;
-use signal_hook::SigId;
+use runtime::master_signals::{self, MasterSignals};
 
 use crate::child::{self, Setup};
 use crate::shared::{self, FORKS, JOBS_SLOT};
@@ -41,7 +39,7 @@ const READY_WAIT: Duration = Duration::from_secs(5);
 /// signals and reaps again.
 const ACCEPT_BATCH: usize = 64;
 
-/// The signals the master handles.
+/// The signals the master handles; SIGCHLD among them, so a child's exit wakes it to reap.
 const MASTER_SIGNALS: [libc::c_int; 4] =
     [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGCHLD];
 
@@ -94,7 +92,7 @@ impl Master {
         let slots = stats.workers().len();
         Ok(Master {
             listener: Some(listener),
-            signals: MasterSignals::install()?,
+            signals: MasterSignals::install(&MASTER_SIGNALS)?,
             setup,
             stats,
             children: HashMap::new(),
@@ -162,7 +160,8 @@ impl Master {
                 self.respawn_jobs_if_due();
                 self.accept();
             }
-            let listen = self.accepting().then_some(self.listener.as_ref()).flatten();
+            let listen =
+                (self.accepting().then_some(self.listener.as_ref()).flatten()).map(AsFd::as_fd);
             self.signals.sleep(self.next_wake(), listen);
         }
     }
@@ -463,85 +462,10 @@ impl Master {
 
 // ---- the master's signals --------------------------------------------------------------------
 
-/// Each handler only sets its signal's flag and writes a byte to a socket pair; the master's
-/// loop sleeps in poll(2) on the other end (the self-pipe trick), so a signal that arrives
-/// between looking at the flags and going to sleep still wakes it. SIGCHLD is one of them: a
-/// child's exit wakes the master to reap it.
-struct MasterSignals {
-    flags: [Arc<AtomicBool>; MASTER_SIGNALS.len()],
-    ids: Vec<SigId>,
-    wake: Option<UnixStream>,
-}
-
-impl MasterSignals {
-    fn install() -> io::Result<MasterSignals> {
-        let (wake, notify) = UnixStream::pair()?;
-        wake.set_nonblocking(true)?;
-        let flags: [Arc<AtomicBool>; MASTER_SIGNALS.len()] = Default::default();
-        let mut ids = Vec::new();
-        for (&signal, flag) in MASTER_SIGNALS.iter().zip(&flags) {
-            // The flag first: it is set by the time the byte wakes the loop.
-            ids.push(signal_hook::flag::register(signal, flag.clone())?);
-            ids.push(signal_hook::low_level::pipe::register(
-                signal,
-                notify.try_clone()?,
-            )?);
-        }
-        Ok(MasterSignals {
-            flags,
-            ids,
-            wake: Some(wake),
-        })
-    }
-
-    /// Whether `signal` arrived since the last look, clearing it.
-    fn take(&self, signal: libc::c_int) -> bool {
-        let i = MASTER_SIGNALS.iter().position(|&s| s == signal);
-        i.is_some_and(|i| self.flags[i].swap(false, Ordering::SeqCst))
-    }
-
-    /// Sleeps until a signal arrives, `listener` (if any) has a connection queued, or
-    /// `timeout` passes.
-    fn sleep(&self, timeout: Duration, listener: Option<&TcpListener>) {
-        let Some(wake) = &self.wake else {
-            return;
-        };
-        let timeout = PollTimeout::try_from(timeout.max(Duration::from_millis(1)))
-            .unwrap_or(PollTimeout::MAX);
-        let mut fds = vec![PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
-        if let Some(listener) = listener {
-            fds.push(PollFd::new(listener.as_fd(), PollFlags::POLLIN));
-        }
-        // EINTR: a signal arrived, which is one of the things we wait for.
-        let _ = nix::poll::poll(&mut fds, timeout);
-        let signalled = fds[0]
-            .revents()
-            .is_some_and(|r| r.contains(PollFlags::POLLIN));
-        if signalled {
-            let mut drain = [0u8; 64];
-            while matches!(io::Read::read(&mut &*wake, &mut drain), Ok(n) if n > 0) {}
-        }
-    }
-
-    /// In a new child: the master's handlers and self-pipe are none of its business.
-    fn leave(&mut self) {
-        for id in self.ids.drain(..) {
-            signal_hook::low_level::unregister(id);
-        }
-        self.wake = None;
-    }
-}
-
-/// The master's signals. [`Master::fork`] blocks them across the fork, and a new child
-/// unblocks them once its own handlers are in place.
+/// The master's signals ([`MASTER_SIGNALS`]), blocked across a fork: the new process unblocks
+/// them once its own handlers are in place.
 pub fn master_signal_set() -> SigSet {
-    let mut set = SigSet::empty();
-    for signal in MASTER_SIGNALS {
-        if let Ok(signal) = Signal::try_from(signal) {
-            set.add(signal);
-        }
-    }
-    set
+    master_signals::signal_set(&MASTER_SIGNALS)
 }
 
 /// "1 connection child", "3 connection children".

@@ -6,19 +6,4 @@
 
 const BIN: &str = env!("CARGO_BIN_EXE_process-per-connection");
 
-#[test]
-fn acked_writes_survive_kill_9_with_sync_commit() {
-    let (recovery, acked) = blackbox::checks::acked_writes_survive_kill_9(BIN, &[], "sync");
-    eprintln!("{acked} acknowledged before the kill; after it: {recovery}");
-}
-
-#[test]
-fn acked_writes_survive_kill_9_with_async_commit() {
-    let (recovery, acked) = blackbox::checks::acked_writes_survive_kill_9(BIN, &[], "async");
-    eprintln!("{acked} acknowledged before the kill; after it: {recovery}");
-}
-
-#[test]
-fn damaged_logs_are_recovered_or_refused() {
-    blackbox::checks::recovery_of_damaged_logs(BIN, &[]);
-}
+blackbox::crash_suite!(BIN, []);

@@ -363,28 +363,8 @@ impl Conn {
         if !keep_alive {
             self.reading = Reading::Stopped;
         }
-        let head_only = slice_str(&self.input[base..], head.method) == "HEAD";
-        let meta = ReplyMeta {
-            head_only,
-            keep_alive,
-            http10: head.version == Version::Http10,
-            sized: false,
-        };
-        self.push_slot(Slot {
-            meta,
-            state: SlotState::Waiting,
-            early: Vec::new(),
-            ended: false,
-            sized_left: 0,
-        });
-        let id = ReqId(self.first_id + self.slots.len() as u64 - 1);
-        if let Some(t) = &mut self.tracer {
-            let (method, target) = (
-                slice_str(&self.input[base..], head.method),
-                slice_str(&self.input[base..], head.target),
-            );
-            t.handed_out(method, target, self.start < self.end, self.clock.last_fill);
-        }
+        let more_buffered = self.start < self.end;
+        let id = ReqId(self.open_slot(base, &head, keep_alive, more_buffered));
         Some(Request {
             id,
             method: slice_str(&self.input[base..], head.method),
@@ -414,27 +394,7 @@ impl Conn {
             },
             (BodyProgress::Length, Framing::Chunked) => unreachable!("framing and progress agree"),
         };
-        let meta = ReplyMeta {
-            head_only: slice_str(&self.input[base..], head.method) == "HEAD",
-            keep_alive,
-            http10: head.version == Version::Http10,
-            sized: false,
-        };
-        self.push_slot(Slot {
-            meta,
-            state: SlotState::Waiting,
-            early: Vec::new(),
-            ended: false,
-            sized_left: 0,
-        });
-        let id = self.first_id + self.slots.len() as u64 - 1;
-        if let Some(t) = &mut self.tracer {
-            let (method, target) = (
-                slice_str(&self.input[base..], head.method),
-                slice_str(&self.input[base..], head.target),
-            );
-            t.handed_out(method, target, false, self.clock.last_fill);
-        }
+        let id = self.open_slot(base, &head, keep_alive, false);
         self.reading = Reading::Streaming(Streamed {
             id,
             framing,
@@ -586,6 +546,36 @@ impl Conn {
             slot.meta.keep_alive = false;
             slot.state = SlotState::Ready(reply);
         }
+    }
+
+    /// Files the reply slot of the request whose head starts at `base` and tells the tracer
+    /// (`more_buffered`: bytes behind it are already in); returns the request's id.
+    fn open_slot(
+        &mut self,
+        base: usize,
+        head: &Head,
+        keep_alive: bool,
+        more_buffered: bool,
+    ) -> u64 {
+        let method = slice_str(&self.input[base..], head.method);
+        let meta = ReplyMeta {
+            head_only: method == "HEAD",
+            keep_alive,
+            http10: head.version == Version::Http10,
+            sized: false,
+        };
+        if let Some(t) = &mut self.tracer {
+            let target = slice_str(&self.input[base..], head.target);
+            t.handed_out(method, target, more_buffered, self.clock.last_fill);
+        }
+        self.push_slot(Slot {
+            meta,
+            state: SlotState::Waiting,
+            early: Vec::new(),
+            ended: false,
+            sized_left: 0,
+        });
+        self.first_id + self.slots.len() as u64 - 1
     }
 
     fn push_slot(&mut self, slot: Slot) {

@@ -52,7 +52,7 @@ fn main() -> io::Result<()> {
     let workers = args.server.workers();
     let stats = Arc::new(Stats::new(PATTERN, workers));
     let app = runtime::open_app(PATTERN, &args.server, stats.clone());
-    let listeners = bind_all(&args.server, workers)?;
+    let listeners = runtime::listener::bind_reuseport(&args.server, workers)?;
     let addr = listeners[0].local_addr()?;
     let shutdown = Shutdown::new();
     let mut config = ServeConfig::new(PATTERN, &args.server);
@@ -77,19 +77,4 @@ fn main() -> io::Result<()> {
 
     // Worker 0 hears SIGTERM/SIGINT and wakes the rest; each closes its socket, drains, returns.
     threads.into_iter().try_for_each(join)
-}
-
-/// `workers` listening sockets on one port, each with SO_REUSEPORT. With `--addr` port 0 the
-/// first socket gets a free port from the kernel, and the others join it there.
-fn bind_all(args: &ServerArgs, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
-    let first = runtime::listener::bind(args, true)?;
-    let same_port = ServerArgs {
-        addr: first.local_addr()?,
-        ..args.clone()
-    };
-    let mut listeners = vec![first];
-    for _ in 1..workers {
-        listeners.push(runtime::listener::bind(&same_port, true)?);
-    }
-    Ok(listeners)
 }

@@ -38,4 +38,16 @@ impl ServeConfig {
     pub fn timeouts(&self) -> &proto::Timeouts {
         &self.conn.timeouts
     }
+
+    /// How often a loop that sweeps its connections' deadlines (rather than keeping a timer
+    /// per connection) looks: a few times per shortest timeout, at most once a second, so a
+    /// deadline is seen up to one sweep late, for no per-request timer upkeep.
+    pub fn sweep_every(&self) -> Duration {
+        let t = self.timeouts();
+        let shortest = [t.header, t.body, t.idle, t.send, t.shutdown_grace, t.linger]
+            .into_iter()
+            .min()
+            .unwrap_or(Duration::from_secs(1));
+        (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
 }

@@ -216,14 +216,7 @@ impl EventLoop {
         let moved = handle.clone();
         let subscription = app.hub().subscribe(move || moved.app_moved());
         let now = Instant::now();
-        // Deadlines are checked by a sweep a few times per shortest timeout, at most once a
-        // second: a deadline is seen up to one sweep late, for no per-request timer upkeep.
-        let t = config.timeouts();
-        let shortest = [t.header, t.body, t.idle, t.send, t.shutdown_grace, t.linger]
-            .into_iter()
-            .min()
-            .unwrap_or(Duration::from_secs(1));
-        let sweep_every = (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let sweep_every = config.sweep_every();
         Ok(EventLoop {
             events: Events::with_capacity(1024),
             state: State {

@@ -1,5 +1,6 @@
 //! What every server in the workspace shares besides the protocol: the command-line flags,
-//! the listening socket, the application, per-worker stats, shutdown on SIGTERM, and the mio
+//! the listening socket, the application, per-worker stats, shutdown on SIGTERM, a forking
+//! master's signals (prefork, process-per-connection), and the mio
 //! event loop that every epoll pattern runs. A pattern crate adds only its pattern.
 
 pub mod blocking;
@@ -9,6 +10,7 @@ pub mod date;
 pub mod event_loop;
 pub mod held;
 pub mod listener;
+pub mod master_signals;
 pub mod shutdown;
 pub mod threads;
 pub mod trace;

@@ -37,6 +37,22 @@ pub fn bind(args: &ServerArgs, reuse_port: bool) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
+/// `n` listening sockets on one port, each with SO_REUSEPORT (reuseport's and uring's loops
+/// each own one). With `--addr` port 0 the first gets a free port from the kernel, and the
+/// others join it there.
+pub fn bind_reuseport(args: &ServerArgs, n: usize) -> io::Result<Vec<TcpListener>> {
+    let first = bind(args, true)?;
+    let same_port = ServerArgs {
+        addr: first.local_addr()?,
+        ..args.clone()
+    };
+    let mut listeners = vec![first];
+    for _ in 1..n {
+        listeners.push(bind(&same_port, true)?);
+    }
+    Ok(listeners)
+}
+
 /// accept(2) failed for want of descriptors or memory. The connection stays queued, so retrying
 /// at once would spin: pause accepting for a while instead (nginx disables accept for 500 ms).
 pub fn is_out_of_resources(e: &io::Error) -> bool {

@@ -94,7 +94,7 @@ fn main() -> io::Result<()> {
     let workers = args.server.workers();
     let stats = Arc::new(Stats::new(PATTERN, workers).with_extra(&worker::COUNTERS));
     let app = runtime::open_app(PATTERN, &args.server, stats.clone());
-    let listeners = bind_all(&args.server, workers)?;
+    let listeners = runtime::listener::bind_reuseport(&args.server, workers)?;
     let addr = listeners[0].local_addr()?;
     let shutdown = Shutdown::new();
     let mut config = ServeConfig::new(PATTERN, &args.server);
@@ -132,20 +132,6 @@ fn main() -> io::Result<()> {
     }
     runtime::announce(PATTERN, addr, workers);
     threads.into_iter().try_for_each(join)
-}
-
-/// `workers` listening sockets on one port, each with SO_REUSEPORT (as reuseport binds them).
-fn bind_all(args: &ServerArgs, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
-    let first = runtime::listener::bind(args, true)?;
-    let same_port = ServerArgs {
-        addr: first.local_addr()?,
-        ..args.clone()
-    };
-    let mut listeners = vec![first];
-    for _ in 1..workers {
-        listeners.push(runtime::listener::bind(&same_port, true)?);
-    }
-    Ok(listeners)
 }
 
 /// SIGTERM and SIGINT become data: blocked in this thread (and so in every thread started

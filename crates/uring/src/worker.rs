@@ -417,14 +417,8 @@ impl Worker {
         let wake = setup.wakes[setup.me].clone();
         let subscription = setup.app.hub().subscribe(move || wake.app_moved());
         let now = Instant::now();
-        // Deadlines are checked by a sweep a few times per shortest timeout, as the event loop
-        // does: a deadline is seen up to one sweep late, for no per-request timer upkeep.
-        let t = setup.config.timeouts();
-        let shortest = [t.header, t.body, t.idle, t.send, t.shutdown_grace, t.linger]
-            .into_iter()
-            .min()
-            .unwrap_or(Duration::from_secs(1));
-        let sweep_every = (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        // Deadlines are swept, as in the event loop, not kept as a timer per connection.
+        let sweep_every = setup.config.sweep_every();
         Ok(Worker {
             ring: Ring {
                 ring,
