@@ -1,7 +1,7 @@
 //! What every server in the workspace shares besides the protocol: the command-line flags,
 //! the listening socket, the application, per-worker stats, shutdown on SIGTERM, a forking
-//! master's signals (prefork, process-per-connection), and the mio
-//! event loop that every epoll pattern runs. A pattern crate adds only its pattern.
+//! master's signals (prefork, process-per-connection), and the mio event loop that every epoll
+//! pattern runs. A pattern crate adds only its pattern.
 
 pub mod blocking;
 pub mod cli;
